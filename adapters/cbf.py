@@ -1,0 +1,113 @@
+"""CBF frames (Pilatus/Eiger miniCBF) via fabio: single files and numbered sequences.
+
+Pixels are decoded by fabio; headers are parsed by :mod:`.minicbf` without
+decoding, which is what makes registration fast and lets a truncated or
+still-being-written frame be refused before it is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tiled.adapters.core import Adapter
+from tiled.adapters.utils import init_adapter_from_catalog
+from tiled.structures.array import ArrayStructure, BuiltinDtype
+from tiled.structures.core import StructureFamily
+from tiled.utils import path_from_uri
+
+from ..errors import UnreadableFile
+from .minicbf import MAGIC, read_header
+from .roots import confine
+from .sequence import FrameInfo, HarvestingSequence
+
+
+def decode(path: Path) -> np.ndarray:
+    """Decode one CBF frame to a (ny, nx) array of the stored integer type."""
+    import fabio
+
+    read_header(path)  # refuses truncated files before fabio sees them
+    try:
+        return fabio.open(str(path)).data
+    except Exception as err:  # fabio raises many types for corrupt bytes
+        raise UnreadableFile(f"{path.name}: corrupt CBF data ({err})") from None
+
+
+def _sniff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+class CBFAdapter(Adapter[ArrayStructure]):
+    """One CBF frame as a (ny, nx) array; the miniCBF header is its metadata.
+
+    Examples
+    --------
+    >>> CBFAdapter.from_uris("file:///data/scan_00001.cbf").read()[0, :4]  # doctest: +SKIP
+    """
+
+    structure_family = StructureFamily.array
+    mimetype = "image/x-cbf"
+    extensions = (".cbf",)
+    readable_roots = None
+
+    def __init__(
+        self,
+        data_uri: str,
+        structure: ArrayStructure | None = None,
+        *,
+        metadata: dict | None = None,
+        specs: list | None = None,
+    ) -> None:
+        path = Path(path_from_uri(data_uri))
+        if self.readable_roots is not None:
+            path = confine(path, self.readable_roots, what="file")
+        self._path = path
+        self._header_md: dict = {}
+        if structure is None:
+            header = read_header(path)
+            structure = ArrayStructure(
+                data_type=BuiltinDtype.from_numpy_dtype(header.dtype),
+                shape=header.shape,
+                chunks=tuple((s,) for s in header.shape),
+            )
+            self._header_md = header.summary()
+        super().__init__(structure, metadata=metadata, specs=specs)
+
+    sniff = staticmethod(_sniff)
+
+    @classmethod
+    def from_uris(cls, data_uri: str, **kwargs: Any) -> "CBFAdapter":
+        return cls(data_uri, **kwargs)
+
+    @classmethod
+    def from_catalog(cls, data_source, node, /, **kwargs: Any) -> "CBFAdapter":
+        return init_adapter_from_catalog(cls, data_source, node, **kwargs)
+
+    def metadata(self) -> dict:
+        return {**self._header_md, **self._metadata}
+
+    def read(self, slice: Any = ...) -> np.ndarray:
+        data = decode(self._path)
+        return data[slice] if slice is not ... else data
+
+    def read_block(self, block: tuple[int, ...], slice: Any = None) -> np.ndarray:
+        if any(block):
+            raise IndexError(f"block {block}: a CBF frame is a single block")
+        data = decode(self._path)
+        return data[slice] if slice else data
+
+
+class CBFSequenceAdapter(HarvestingSequence):
+    """Numbered CBF files of one scan as a (frame, y, x) stack."""
+
+    mimetype = "multipart/related;type=image/x-cbf"
+
+    @classmethod
+    def inspect(cls, path: Path) -> FrameInfo:
+        header = read_header(path)
+        return FrameInfo(header.shape, header.dtype, header.summary(), header.frame_row())
+
+    def read_frame(self, path: Path) -> np.ndarray:
+        return decode(path)

@@ -1,0 +1,87 @@
+"""Readable roots: resolve a path and refuse anything that escapes them.
+
+Every file the server reads, and everything an HDF5 file points at (external
+links, virtual-dataset sources, external raw storage), goes through
+:func:`confine` *before* a byte of it is read. Paths are compared after
+``os.path.realpath``, so ``..`` segments and symlinks cannot leave a root.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import BrokenLink, OutsideRoots
+
+Roots = tuple[Path, ...]
+
+
+def normalize_roots(roots: Iterable[str | os.PathLike[str]]) -> Roots:
+    """Return the real (symlink-free, absolute) form of each root directory."""
+    return tuple(Path(os.path.realpath(os.fspath(r))) for r in roots)
+
+
+def is_inside(path: Path, roots: Roots) -> bool:
+    """True if the already-resolved ``path`` is a root or lies below one."""
+    return any(path == root or root in path.parents for root in roots)
+
+
+def confine(
+    path: str | os.PathLike[str],
+    roots: Roots,
+    *,
+    relative_to: str | os.PathLike[str] | None = None,
+    what: str = "path",
+) -> Path:
+    """Resolve ``path`` and return it if it lies inside ``roots``.
+
+    Parameters
+    ----------
+    path
+        The path as written (in a registration request, or inside an HDF5 link).
+    roots
+        Output of :func:`normalize_roots`.
+    relative_to
+        Directory a relative ``path`` is taken against (for an HDF5 external
+        link: the directory of the file holding the link).
+    what
+        Names the path in error messages, e.g. ``"external link target"``.
+
+    Raises
+    ------
+    OutsideRoots
+        The resolved path is outside every root, or is not a regular file or
+        directory (a device, FIFO or socket).
+    BrokenLink
+        The path does not exist, or resolving it loops.
+
+    Examples
+    --------
+    >>> confine("../../etc/passwd", roots, relative_to="/data/scan1")  # doctest: +SKIP
+    OutsideRoots: external link target '../../etc/passwd' resolves to /etc/passwd, outside the readable roots
+    """
+    raw = os.fspath(path)
+    if "\x00" in raw:
+        raise OutsideRoots(f"{what} {raw!r} contains a NUL byte")
+    joined = os.path.join(os.fspath(relative_to), raw) if relative_to else raw
+    try:
+        resolved = Path(os.path.realpath(joined, strict=True))
+    except FileNotFoundError:
+        resolved = Path(os.path.realpath(joined))
+        if not is_inside(resolved, roots):
+            raise OutsideRoots(
+                f"{what} {raw!r} resolves to {resolved}, outside the readable roots"
+            ) from None
+        raise BrokenLink(f"{what} {raw!r} does not exist ({resolved})") from None
+    except OSError as err:  # ELOOP: a symlink cycle
+        raise BrokenLink(f"{what} {raw!r} cannot be resolved: {err.strerror}") from None
+    if not is_inside(resolved, roots):
+        raise OutsideRoots(
+            f"{what} {raw!r} resolves to {resolved}, outside the readable roots"
+        )
+    mode = resolved.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutsideRoots(f"{what} {raw!r} is not a regular file ({resolved})")
+    return resolved

@@ -1,0 +1,1 @@
+"""What is in the catalog and where: walking, grouping, harvesting, registering."""

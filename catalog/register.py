@@ -1,0 +1,217 @@
+"""Register a directory tree into a Tiled catalog, incrementally.
+
+Runs where the files are (the server machine or one sharing its file system)
+and talks to the server through the Tiled client, like ``tiled register``.
+Each node remembers what it was built from (``metadata["source"]``: path, file
+count, bytes, newest mtime); a re-run skips nodes whose source is unchanged,
+rebuilds changed ones, and adds new ones. A file that cannot be read is
+reported and skipped; registration goes on with the next.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tiled.client.utils import ClientError
+from tiled.structures.core import Spec, StructureFamily
+from tiled.structures.data_source import Asset, DataSource, Management
+from tiled.utils import ensure_uri
+
+from ..adapters import registry
+from ..adapters.roots import Roots, confine
+from ..errors import ScatterbrokerError
+from .names import check_key
+from .walk import Listing, Sequence, Single, walk
+
+#: Spec of a scan container holding ``frames`` (array) and ``headers`` (table).
+SCAN_SPEC = Spec("scan")
+
+Progress = Callable[[int, str], None]
+
+
+@dataclass
+class Report:
+    """Outcome of one registration run."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    files: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+    def summary(self) -> str:
+        return (
+            f"{self.files} files: {len(self.created)} nodes created, "
+            f"{len(self.updated)} updated, {self.unchanged} unchanged, "
+            f"{len(self.failed)} problems"
+        )
+
+
+def _source(item: Sequence | Single) -> dict[str, Any]:
+    size, mtime = item.stats
+    if isinstance(item, Single):
+        return {"path": str(item.path), "files": 1, "bytes": size, "mtime_ns": mtime}
+    return {
+        "path": str(item.directory / f"{item.prefix}*{item.suffix}"),
+        "files": len(item.numbers),
+        "bytes": size,
+        "mtime_ns": mtime,
+    }
+
+
+def register(
+    node: Any,
+    path: str | os.PathLike[str],
+    *,
+    prefix: str = "",
+    roots: Roots | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Register everything under ``path`` below ``node``/``prefix``.
+
+    Parameters
+    ----------
+    node
+        A writable Tiled container client (``tiled.client.from_uri(url, api_key=...)``).
+    path
+        Directory (or single file) on the file system the server reads.
+    prefix
+        Slash-separated node path below ``node`` to register under; created as needed.
+    roots
+        If given, ``path`` must resolve inside these readable roots.
+    progress
+        Called as ``progress(n_files_done, description)``.
+
+    Returns
+    -------
+    Report
+        Created/updated node paths, the unchanged count, and every problem file.
+    """
+    path = Path(os.path.realpath(path))
+    if roots is not None:
+        path = confine(path, roots, what="registration path")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    report = Report()
+    base = _ensure_containers(node, [p for p in prefix.split("/") if p])
+    if path.is_file():
+        listing = Listing(path.parent)
+        from .walk import list_directory
+
+        full = list_directory(path.parent)
+        listing.singles = [s for s in full.singles if s.path == path]
+        listing.sequences = []
+        listing.unknown = [u for u in full.unknown if u[0] == path]
+        _register_listing(base, listing, prefix, report, progress)
+        return report
+    for parts, listing in walk(path):
+        try:
+            target = _ensure_containers(base, list(parts))
+        except ScatterbrokerError as err:
+            report.failed.append((str(listing.directory), str(err)))
+            continue
+        _register_listing(target, listing, "/".join(filter(None, [prefix, *parts])), report, progress)
+    return report
+
+
+def _ensure_containers(node: Any, parts: list[str]) -> Any:
+    for part in parts:
+        check_key(part)
+        if part in node:
+            node = node[part]
+        else:
+            node = node.create_container(key=part)
+    return node
+
+
+def _register_listing(
+    node: Any, listing: Listing, where: str, report: Report, progress: Progress | None
+) -> None:
+    for path, why in listing.unknown:
+        report.failed.append((str(path), why))
+        report.files += 1
+        if progress:
+            progress(1, path.name)
+    existing = {key: child.metadata.get("source") for key, child in node.items()}
+    for key, item in listing.keyed().items():
+        n_files = 1 if isinstance(item, Single) else len(item.numbers)
+        label = f"{where}/{key}".lstrip("/")
+        report.files += n_files
+        source = _source(item)
+        try:
+            check_key(key)
+            if key in existing:
+                if existing[key] == source:
+                    report.unchanged += 1
+                    continue
+                node[key].delete(recursive=True, external_only=False)
+                changed = True
+            else:
+                changed = False
+            if isinstance(item, Single):
+                _register_single(node, key, item, source)
+            else:
+                for bad, why in _register_sequence(node, key, item, source):
+                    report.failed.append((str(bad), why))
+            (report.updated if changed else report.created).append(label)
+        except (ScatterbrokerError, ClientError, OSError) as err:
+            where_ = str(item.path) if isinstance(item, Single) else source["path"]
+            report.failed.append((where_, str(err)))
+        finally:
+            if progress:
+                progress(n_files, label)
+
+
+def _register_single(node: Any, key: str, item: Single, source: dict) -> None:
+    cls = registry.adapters_by_mimetype()[item.mimetype]
+    uri = ensure_uri(str(item.path))
+    adapter = cls.from_uris(uri)
+    if hasattr(adapter, "generate_data_sources"):
+        data_sources = adapter.generate_data_sources(item.mimetype, item.path, False, size=item.stats[0])
+    else:
+        structure = adapter.structure()
+        data_sources = [
+            DataSource(
+                structure_family=adapter.structure_family,
+                mimetype=item.mimetype,
+                structure=structure,
+                parameters={},
+                management=Management.external,
+                assets=[
+                    Asset(data_uri=uri, is_directory=False, size=item.stats[0], parameter="data_uri")
+                ],
+            )
+        ]
+    node.new(
+        structure_family=adapter.structure_family,
+        data_sources=data_sources,
+        key=key,
+        metadata={**adapter.metadata(), "source": source},
+        specs=list(adapter.specs),
+    )
+
+
+def _register_sequence(node: Any, key: str, item: Sequence, source: dict) -> list[tuple[Path, str]]:
+    """Create the scan container (``frames`` + ``headers``); return rejected frames."""
+    import pandas as pd
+
+    cls = registry.adapters_by_mimetype()[item.mimetype]
+    harvest = cls.harvest(item.directory, item.prefix, item.width, item.suffix, item.numbers)
+    scan = node.create_container(
+        key=key,
+        metadata={**harvest.adapter.metadata(), "source": source},
+        specs=[SCAN_SPEC],
+    )
+    scan.new(
+        structure_family=StructureFamily.array,
+        data_sources=[harvest.adapter.data_source(item.mimetype)],
+        key="frames",
+        metadata={"axes": ["frame", "y", "x"]},
+    )
+    if harvest.columns:
+        scan.write_dataframe(pd.DataFrame(harvest.columns), key="headers")
+    return harvest.rejected

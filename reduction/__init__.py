@@ -1,0 +1,1 @@
+"""Reduction: stacking, reciprocal-space transform, projections (see DESIGN.md §5)."""
