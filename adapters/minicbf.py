@@ -147,7 +147,7 @@ def read_header(path: str | os.PathLike[str]) -> CBFHeader:
     if start < 0:
         if size > len(head):
             raise UnreadableFile(f"{path.name}: CBF header longer than {_HEAD_BYTES} bytes")
-        raise IncompleteFile(f"{path.name}: CBF header ends before the binary section")
+        raise IncompleteFile(f"{path.name}: truncated CBF file: it ends inside the header")
     text = head[:start].decode("latin-1")
     mime = _mime_fields(text)
     try:

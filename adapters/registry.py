@@ -105,6 +105,8 @@ def mimetype_for(path: str | os.PathLike[str]) -> str:
     known = sorted(
         {ext for cls in _load().values() for ext in getattr(cls, "extensions", ())}
     )
+    if candidates and path.stat().st_size == 0:
+        raise UnknownFormat(f"{path.name}: empty file (0 bytes)")
     if candidates:
         raise UnknownFormat(
             f"{path.name}: its content does not match its extension "
