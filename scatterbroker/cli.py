@@ -64,7 +64,11 @@ def serve(
         raise typer.BadParameter("--demo allows anonymous reads, so it binds to loopback only")
     api_key = api_key or new_api_key()
     if config is not None:
+        # Configs name their secrets and paths as ${VARIABLES}; fill the ones we know.
         os.environ.setdefault("SCATTERBROKER_API_KEY", api_key)
+        os.environ.setdefault("SCATTERBROKER_DATA", str(data_dir.resolve()))
+        (Path(os.environ["SCATTERBROKER_DATA"]) / "files").mkdir(parents=True, exist_ok=True)
+        api_key = os.environ["SCATTERBROKER_API_KEY"]
         web_app = build_app(config)
     else:
         if demo:
