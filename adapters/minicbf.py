@@ -77,6 +77,7 @@ class CBFHeader:
     binary_offset: int
     binary_size: int
     file_size: int
+    byte_offset: bool = True
     values: dict[str, tuple[float, str]] = field(default_factory=dict)
     detector: str | None = None
     timestamp: str | None = None
@@ -139,13 +140,18 @@ def read_header(path: str | os.PathLike[str]) -> CBFHeader:
         size = os.fstat(f.fileno()).st_size
         if BINARY_START not in head and size > len(head):
             head += f.read(_HEAD_BYTES - len(head))
+    return parse_header(head, size, path)
+
+
+def parse_header(head: bytes, size: int, path: Path) -> CBFHeader:
+    """Parse a CBF header from the first bytes ``head`` of a file of ``size`` bytes."""
     if not head.startswith(MAGIC):
         if not head:
             raise UnreadableFile(f"{path.name}: empty file (0 bytes), not a CBF frame")
         raise UnreadableFile(f"{path.name}: not a CBF file (no '###CBF' signature)")
     start = head.find(BINARY_START)
     if start < 0:
-        if size > len(head):
+        if size > _HEAD_BYTES:
             raise UnreadableFile(f"{path.name}: CBF header longer than {_HEAD_BYTES} bytes")
         raise IncompleteFile(f"{path.name}: truncated CBF file: it ends inside the header")
     text = head[:start].decode("latin-1")
@@ -155,6 +161,7 @@ def read_header(path: str | os.PathLike[str]) -> CBFHeader:
         nx = int(mime["x-binary-size-fastest-dimension"])
         ny = int(mime["x-binary-size-second-dimension"])
         element = mime["x-binary-element-type"].strip('"').strip().lower()
+        byte_offset = "x-cbf_byte_offset" in text.lower()
     except (KeyError, ValueError) as err:
         raise UnreadableFile(f"{path.name}: CBF binary header lacks {err}") from None
     if element not in _ELEMENT_TYPES:
@@ -172,6 +179,7 @@ def read_header(path: str | os.PathLike[str]) -> CBFHeader:
         binary_offset=offset,
         binary_size=binary_size,
         file_size=size,
+        byte_offset=byte_offset,
         **_text_fields(text),
     )
 
@@ -218,4 +226,4 @@ def parse_text_header(text: str) -> CBFHeader | None:
     fields = _text_fields(text)
     if not (fields["values"] or fields["detector"]):
         return None
-    return CBFHeader(Path(""), (0, 0), np.dtype("i4"), 0, 0, 0, **fields)
+    return CBFHeader(Path(""), (0, 0), np.dtype("i4"), 0, 0, 0, False, **fields)
