@@ -15,6 +15,8 @@ import pytest
 
 warnings.filterwarnings("ignore")
 
+# Tiled keeps the single-user key in process-global settings, so every server
+# started inside the test process must use this one key.
 API_KEY = "testkey"
 FRAME_SHAPE = (24, 32)  # (ny, nx), small: the code paths are the same as 2463 x 2527
 N_FRAMES = 12
