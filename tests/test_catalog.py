@@ -199,3 +199,25 @@ def test_registration_outside_roots_is_refused(tmp_path):
         register(None, inside / "link", roots=normalize_roots([inside]))
     with pytest.raises(OutsideRoots):
         register(None, inside / ".." / "out", roots=normalize_roots([inside]))
+
+
+def test_frame_of_another_shape_is_left_out_and_reported(tmp_path):
+    from tiled.client import from_uri
+
+    from scatterbroker.catalog.register import register
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    frames = make_frames(5)
+    for i, frame in enumerate(frames, start=1):
+        write_cbf(raw / f"scan_{i:05d}.cbf", frame if i != 3 else frame[:10], i)
+    with start_server(tmp_path / "db", [raw]) as url:
+        client = from_uri(url, api_key=API_KEY)
+        report = register(client, raw, prefix="raw")
+        assert report.created == ["raw/scan"]
+        (bad,) = report.failed
+        assert "scan_00003.cbf" in bad[1] and "differs" in bad[1]
+        stack = client["raw/scan/frames"]
+        assert stack.shape == (4, 24, 32)
+        assert np.array_equal(stack.read(), frames[[0, 1, 3, 4]])
+        assert list(client["raw/scan/headers"].read()["frame"]) == [1, 2, 4, 5]
