@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from ..adapters import registry
 from ..errors import UnknownFormat
+from .sidecar import is_sidecar
 
-_NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<digits>\d+)(?P<suffix>\.[A-Za-z0-9]+)$")
+NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<digits>\d+)(?P<suffix>\.[A-Za-z0-9]+)$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Listing:
     sequences: list[Sequence] = field(default_factory=list)
     singles: list[Single] = field(default_factory=list)
     subdirectories: list[Path] = field(default_factory=list)
+    sidecars: list[Path] = field(default_factory=list)  # metadata files, see sidecar.py
     unknown: list[tuple[Path, str]] = field(default_factory=list)
 
     def keyed(self) -> dict[str, Sequence | Single]:
@@ -90,16 +93,27 @@ def list_directory(directory: Path) -> Listing:
         if entry.is_dir(follow_symlinks=False):
             listing.subdirectories.append(Path(entry.path))
             continue
-        if not entry.is_file():
+        try:
+            is_file = entry.is_file()
+        except OSError:  # ELOOP: a cycle of symbolic links
+            is_file = False
+        if not is_file:
+            # Reported, not silently dropped: a symlinked directory (not followed: it
+            # could loop or leave the root), a broken or looping link, a device, FIFO
+            # or socket (never opened: reading one can block or never end).
+            listing.unknown.append((Path(entry.path), _not_a_file(entry)))
             continue
         path = Path(entry.path)
+        if is_sidecar(path):
+            listing.sidecars.append(path)
+            continue
         try:
             mimetype = registry.mimetype_for(path)
         except (UnknownFormat, OSError) as err:
             listing.unknown.append((path, str(err)))
             continue
         st = entry.stat()
-        m = _NUMBERED.match(entry.name)
+        m = NUMBERED.match(entry.name)
         if m and registry.sequence_mimetype(mimetype):
             numbered[(m["prefix"], m["suffix"], mimetype)].append((m["digits"], st))
         else:
@@ -123,6 +137,20 @@ def list_directory(directory: Path) -> Listing:
                 )
             )
     return listing
+
+
+def _not_a_file(entry: os.DirEntry) -> str:
+    """Why a directory entry that is neither a directory nor a regular file is skipped."""
+    name = entry.name
+    if entry.is_symlink():
+        try:
+            target = os.stat(entry.path)
+        except OSError as err:  # ENOENT: broken; ELOOP: a cycle of links
+            return f"{name}: symbolic link cannot be resolved ({err.strerror}); skipped"
+        if stat.S_ISDIR(target.st_mode):
+            return f"{name}: symbolic link to a directory, not followed"
+        return f"{name}: symbolic link to a device, FIFO or socket, not a regular file; skipped"
+    return f"{name}: a device, FIFO or socket, not a regular file; skipped"
 
 
 def _by_width(found: list[tuple[str, os.stat_result]]) -> dict[int, list]:
