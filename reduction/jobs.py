@@ -1,0 +1,320 @@
+"""Jobs: an operation on catalog nodes whose product is written back as a node.
+
+A job is ``operation + input node URIs + parameters`` (JSON). Its record lives
+in the catalog at ``/jobs/<id>`` (metadata only), so it survives a server
+restart; a running job refreshes a heartbeat, and one whose heartbeat has
+stopped (the process died) is reported -- and recorded -- as failed.
+
+Big inputs are split along the frame axis into tasks run by an executor: a
+local process pool by default, a ``dask.distributed`` cluster when
+``SCATTERBROKER_DASK_ADDRESS`` is set (e.g. one started with dask-jobqueue on
+SLURM/PBS). Each task reads its own frames from the server, so tasks can run
+anywhere the server is reachable; partial (v, n) grids are summed, so the
+result does not depend on the split.
+
+The product is a container under ``/reduced/...`` holding NXdata-shaped
+arrays and provenance (inputs, parameters, software versions, times, job
+id). It is marked ``complete`` only after every array is written; a failed
+job leaves no product behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from ..catalog.uris import global_uri
+from ..errors import ScatterbrokerError
+
+HEARTBEAT_SECONDS = float(os.environ.get("SCATTERBROKER_JOB_HEARTBEAT") or 2.0)
+#: a running job silent for this long is taken as dead
+STALE_SECONDS = float(os.environ.get("SCATTERBROKER_JOB_STALE") or 20.0)
+JOBS = "jobs"
+REDUCED = "reduced"
+
+
+class JobError(ScatterbrokerError, ValueError):
+    """A job that cannot be run as submitted (unknown operation, bad input)."""
+
+    status_code = 422
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
+
+def _age(iso: str | None) -> float:
+    if not iso:
+        return float("inf")
+    return (_dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(iso)).total_seconds()
+
+
+@dataclass
+class Product:
+    """What an operation returns: named arrays plus NXdata-style metadata."""
+
+    arrays: dict[str, np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    specs: list[str] = field(default_factory=lambda: ["NXdata"])
+
+
+# -- executors ----------------------------------------------------------
+
+
+class LocalExecutor:
+    """Tasks on a pool of local processes (spawned: safe inside a threaded server)."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+
+    def map(self, fn: Callable, items: Sequence) -> list:
+        if len(items) <= 1 or self.workers <= 1:
+            return [fn(item) for item in items]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, items))
+
+
+class DaskExecutor:
+    """Tasks on a ``dask.distributed`` cluster (a scheduler address or a Client)."""
+
+    def __init__(self, address_or_client: Any) -> None:
+        from distributed import Client
+
+        self.client = (address_or_client if isinstance(address_or_client, Client)
+                       else Client(address_or_client))
+
+    def map(self, fn: Callable, items: Sequence) -> list:
+        return self.client.gather(self.client.map(fn, list(items), pure=False))
+
+
+def default_executor():
+    """Dask if ``SCATTERBROKER_DASK_ADDRESS`` is set, else local processes."""
+    address = os.environ.get("SCATTERBROKER_DASK_ADDRESS")
+    return DaskExecutor(address) if address else LocalExecutor()
+
+
+# -- inputs -------------------------------------------------------------
+
+
+def node_path(uri: str) -> list[str]:
+    """Catalog path of a global URI ``http(s)://host/api/v1/metadata/<path>``."""
+    path = urlparse(uri).path
+    marker = "/api/v1/metadata/"
+    if marker not in path:
+        raise JobError(f"{uri!r} is not a node URI (…/api/v1/metadata/<path>)")
+    return [unquote(p) for p in path.split(marker, 1)[1].split("/") if p]
+
+
+def open_input(uri: str, api_key: str | None) -> Any:
+    """The Tiled client for an input URI; a scan container means its ``frames``."""
+    from tiled.client import from_uri
+
+    try:
+        node = from_uri(uri, api_key=api_key)
+    except Exception as err:
+        raise JobError(f"input {uri}: cannot be opened ({err})") from None
+    if getattr(node, "structure_family", None) == "container" and "frames" in node:
+        node = node["frames"]
+    return node
+
+
+def frame_stack(node: Any, uri: str) -> Any:
+    if getattr(node, "structure_family", None) != "array" or len(node.shape) != 3:
+        raise JobError(f"input {uri} is not a frame stack (frame, y, x): "
+                       f"{getattr(node, 'structure_family', '?')} {getattr(node, 'shape', '')}")
+    return node
+
+
+# -- operations ---------------------------------------------------------
+
+
+def _transform_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """One block of frames -> partial (v, n). Module level: runs in worker processes."""
+    uri, api_key, start, stop, params, mask = task
+    from tiled.client import from_uri
+
+    from .transform import partial
+
+    node = from_uri(uri, api_key=api_key)
+    return tuple(partial(node[start:stop], start, params, mask=mask))
+
+
+def op_transform(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
+    """Reciprocal-space transform (DESIGN.md §5) of one frame stack."""
+    from .geometry import TransformParams
+    from .transform import finish, merge
+
+    (node,), (uri,) = inputs, uris
+    frames = frame_stack(node, uri)
+    tparams = TransformParams.from_dict({k: params[k] for k in ("geometry", "ub", "grid") if k in params})
+    mask = np.asarray(params["mask"], dtype=bool) if params.get("mask") is not None else None
+    n = frames.shape[0]
+    step = int(params.get("frames_per_task") or max(1, -(-n // 8)))
+    frames_uri = global_uri(frames)
+    tasks = [(frames_uri, api_key, a, min(a + step, n), tparams.to_dict(), mask) for a in range(0, n, step)]
+    result = finish(merge(executor.map(_transform_task, tasks)), tparams)
+    return Product(
+        arrays={"data": result.data, "weights": result.n, "H": result.H, "K": result.K, "L": result.L},
+        metadata={"signal": "data", "axes": ["L", "K", "H"], "H@units": "rlu", "K@units": "rlu",
+                  "L@units": "rlu", "weights": "pixels summed per voxel (v/n = data)"},
+    )
+
+
+def op_project(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
+    """Projection or statistics of one frame stack (see reduction/project.py)."""
+    from .project import project
+
+    (node,), (uri,) = inputs, uris
+    arrays = project(frame_stack(node, uri), params)
+    return Product(arrays=arrays, metadata={"kind": params.get("kind", "sum")})
+
+
+#: operation name -> function(inputs, uris, params, api_key, executor) -> Product
+OPERATIONS: dict[str, Callable[..., Product]] = {"transform": op_transform, "project": op_project}
+
+
+# -- records and running -------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {}
+    for package in ("scatterbroker", "tiled", "numpy", "numba", "h5py"):
+        try:
+            out[package] = version(package)
+        except Exception:
+            pass
+    return out
+
+
+def _container(client: Any, parts: Iterable[str]) -> Any:
+    node = client
+    for part in parts:
+        node = node[part] if part in node else node.create_container(key=part)
+    return node
+
+
+def submit(client: Any, operation: str, inputs: list[str], parameters: dict,
+           output: str | None = None) -> Any:
+    """Create the job record (state ``queued``) and return its node."""
+    if operation not in OPERATIONS:
+        raise JobError(f"unknown operation {operation!r}; available: {', '.join(sorted(OPERATIONS))}")
+    if not inputs:
+        raise JobError("a job needs at least one input node URI")
+    for uri in inputs:
+        node_path(uri)
+    job_id = uuid.uuid4().hex[:12]
+    return _container(client, [JOBS]).create_container(
+        key=job_id,
+        metadata={"job": {
+            "id": job_id, "operation": operation, "inputs": list(inputs), "parameters": parameters,
+            "output": output, "state": "queued", "submitted": _now(), "software": _versions(),
+        }},
+        specs=["job"],
+    )
+
+
+def _update(job: Any, **changes: Any) -> None:
+    record = dict(job.metadata["job"])
+    record.update(changes)
+    job.update_metadata(metadata={"job": record}, drop_revision=True)
+
+
+def run(client: Any, job: Any, api_key: str | None, executor=None) -> str:
+    """Run a queued job to completion; return its product URI (raises on failure,
+    after recording the error on the job)."""
+    record = job.metadata["job"]
+    _update(job, state="running", started=_now(), heartbeat=_now())
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                _update(job, heartbeat=_now())
+            except Exception:
+                pass
+
+    threading.Thread(target=beat, daemon=True, name=f"job-{record['id']}").start()
+    product_node = None
+    try:
+        uris = record["inputs"]
+        inputs = [open_input(uri, api_key) for uri in uris]
+        product = OPERATIONS[record["operation"]](inputs, uris, record["parameters"], api_key,
+                                                  executor or default_executor())
+        product_node = _write_product(client, record, product)
+        uri = global_uri(product_node)
+        stop.set()
+        _update(job, state="done", finished=_now(), product=uri, heartbeat=None)
+        return uri
+    except BaseException as err:
+        stop.set()
+        if product_node is not None:
+            product_node.delete(recursive=True, external_only=False)
+        _update(job, state="failed", finished=_now(), error=f"{type(err).__name__}: {err}", heartbeat=None)
+        raise
+
+
+def _product_path(client: Any, record: dict) -> list[str]:
+    if record.get("output"):
+        return [p for p in record["output"].split("/") if p]
+    parts = node_path(record["inputs"][0])
+    if parts and parts[-1] == "frames":
+        parts = parts[:-1]
+    if parts and parts[0] in ("raw", "scans", REDUCED):
+        parts = parts[1:]
+    return [REDUCED, *parts, record["operation"]]
+
+
+def _write_product(client: Any, record: dict, product: Product) -> Any:
+    *parents, name = _product_path(client, record)
+    parent = _container(client, parents)
+    if name in parent:
+        name = f"{name}-{record['id'][:8]}"
+    node = parent.create_container(
+        key=name,
+        metadata={**product.metadata, "complete": False, "provenance": {
+            "job": record["id"], "operation": record["operation"], "inputs": record["inputs"],
+            "parameters": record["parameters"], "software": _versions(),
+            "started": _now(),
+        }},
+        specs=product.specs,
+    )
+    try:
+        for key, array in product.arrays.items():
+            node.write_array(np.ascontiguousarray(array), key=key)
+        node.update_metadata(metadata={"complete": True, "finished": _now()}, drop_revision=True)
+    except BaseException:
+        node.delete(recursive=True, external_only=False)
+        raise
+    return node
+
+
+def status(job: Any) -> dict[str, Any]:
+    """The job's record; a ``running`` job whose heartbeat stopped is marked failed."""
+    record = dict(job.metadata["job"])
+    if record["state"] == "running" and _age(record.get("heartbeat")) > STALE_SECONDS:
+        record.update(state="failed", finished=_now(),
+                      error="interrupted: the process running it stopped (server restart or crash)")
+        try:
+            _update(job, **{k: record[k] for k in ("state", "finished", "error")}, heartbeat=None)
+        except Exception:
+            pass
+    return record
+
+
+def list_jobs(client: Any) -> list[dict[str, Any]]:
+    if JOBS not in client:
+        return []
+    return [status(job) for _, job in client[JOBS].items()]
