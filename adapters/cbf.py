@@ -20,7 +20,7 @@ from tiled.utils import path_from_uri
 from ..errors import UnreadableFile
 from .minicbf import MAGIC, parse_header, read_header
 from .roots import confine
-from .sequence import FrameInfo, HarvestingSequence
+from .sequence import FrameInfo, HarvestingSequence, expand
 
 
 def decode(path: Path) -> np.ndarray:
@@ -41,9 +41,13 @@ def decode(path: Path) -> np.ndarray:
             return fabio.open(str(path)).data
         start = header.binary_offset
         n = header.shape[0] * header.shape[1]
-        data = np.asarray(decByteOffset(raw[start:start + header.binary_size], size=n, dtype=header.dtype.name))
+        # No size hint: the whole X-Binary-Size section must decode to exactly n
+        # pixels (with a hint the codec stops at n, so random bytes would pass).
+        data = np.asarray(decByteOffset(raw[start:start + header.binary_size], dtype=header.dtype.name))
         if data.size != n:
-            raise ValueError(f"decoded {data.size} pixels, header says {n}")
+            raise ValueError(
+                f"its {header.binary_size} bytes of byte-offset data decode to "
+                f"{data.size} pixels, the header says {header.shape[1]} x {header.shape[0]} = {n}")
         return data.reshape(header.shape)
     except Exception as err:  # fabio raises many types for corrupt bytes
         raise UnreadableFile(f"{path.name}: corrupt CBF data ({err or type(err).__name__})") from None
@@ -104,8 +108,8 @@ class CBFAdapter(Adapter[ArrayStructure]):
         return {**self._header_md, **self._metadata}
 
     def read(self, slice: Any = ...) -> np.ndarray:
-        data = decode(self._path)
-        return data[slice] if slice is not ... else data
+        key = expand(slice, self._structure.shape)  # refuse a bad slice before decoding
+        return decode(self._path)[key.raw]
 
     def read_block(self, block: tuple[int, ...], slice: Any = None) -> np.ndarray:
         if any(block):

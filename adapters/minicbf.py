@@ -9,6 +9,7 @@ frames and frames the detector is still writing.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -98,8 +99,13 @@ class CBFHeader:
                     put(md, path, value, unit or None)
         if self.pixel_size:
             (px, ux), (py, uy) = self.pixel_size
-            put(md, "instrument/detector/x_pixel_size", *to_canonical(px, ux, "length"))
-            put(md, "instrument/detector/y_pixel_size", *to_canonical(py, uy, "length"))
+            try:
+                x, y = to_canonical(px, ux, "length"), to_canonical(py, uy, "length")
+            except ValueError:  # unknown unit: leave it out, never fail the file
+                pass
+            else:
+                put(md, "instrument/detector/x_pixel_size", *x)
+                put(md, "instrument/detector/y_pixel_size", *y)
         if self.beam_xy:
             put(md, "instrument/detector/beam_center_x", self.beam_xy[0], "pixel")
             put(md, "instrument/detector/beam_center_y", self.beam_xy[1], "pixel")
@@ -154,7 +160,9 @@ def parse_header(head: bytes, size: int, path: Path) -> CBFHeader:
         if size > _HEAD_BYTES:
             raise UnreadableFile(f"{path.name}: CBF header longer than {_HEAD_BYTES} bytes")
         raise IncompleteFile(f"{path.name}: truncated CBF file: it ends inside the header")
-    text = head[:start].decode("latin-1")
+    # NUL becomes U+FFFD: harvested text goes into the catalog, and PostgreSQL's
+    # JSONB cannot store NUL.
+    text = head[:start].decode("latin-1").replace("\x00", "\ufffd")
     mime = _mime_fields(text)
     try:
         binary_size = int(mime["x-binary-size"])
@@ -166,6 +174,18 @@ def parse_header(head: bytes, size: int, path: Path) -> CBFHeader:
         raise UnreadableFile(f"{path.name}: CBF binary header lacks {err}") from None
     if element not in _ELEMENT_TYPES:
         raise UnreadableFile(f"{path.name}: unsupported CBF element type {element!r}")
+    if nx <= 0 or ny <= 0 or binary_size <= 0:
+        raise UnreadableFile(
+            f"{path.name}: CBF binary header gives an impossible frame: {nx} x {ny} "
+            f"pixels in {binary_size} bytes"
+        )
+    if byte_offset and nx * ny > binary_size:
+        # byte-offset spends at least one byte per pixel: a header promising more
+        # pixels than bytes is corrupt (and would make a decoder allocate them).
+        raise UnreadableFile(
+            f"{path.name}: corrupt CBF header: {nx} x {ny} pixels cannot fit in "
+            f"X-Binary-Size {binary_size} bytes of byte-offset data"
+        )
     offset = start + len(BINARY_START)
     if size < offset + binary_size:
         raise IncompleteFile(
@@ -209,15 +229,22 @@ def _text_fields(text: str) -> dict:
         elif (m := _TIME.match(line)) and out["timestamp"] is None:
             out["timestamp"] = m.group(1)
         elif line.startswith("# Pixel_size") and (m := _PAIR.search(line)):
-            out["pixel_size"] = (
-                (float(m.group(1)), m.group(2) or "m"),
-                (float(m.group(3)), m.group(4) or "m"),
-            )
+            if _finite(m.group(1), m.group(3)):
+                out["pixel_size"] = (
+                    (float(m.group(1)), m.group(2) or "m"),
+                    (float(m.group(3)), m.group(4) or "m"),
+                )
         elif line.startswith("# Beam_xy") and (m := _BEAM.search(line)):
-            out["beam_xy"] = (float(m.group(1)), float(m.group(2)))
-        elif m := _LINE.match(line):
+            if _finite(m.group(1), m.group(2)):
+                out["beam_xy"] = (float(m.group(1)), float(m.group(2)))
+        elif (m := _LINE.match(line)) and _finite(m.group(2)):
             values[m.group(1)] = (float(m.group(2)), m.group(3))
     return out
+
+
+def _finite(*numbers: str) -> bool:
+    """``1e999`` parses as inf: not a value metadata (JSON) can hold."""
+    return all(math.isfinite(float(n)) for n in numbers)
 
 
 def parse_text_header(text: str) -> CBFHeader | None:

@@ -56,8 +56,9 @@ from tiled.structures.container import ContainerStructure
 from tiled.structures.core import Spec, StructureFamily
 from tiled.utils import IndexersMixin, path_from_uri
 
-from ..errors import BrokenLink, OutsideRoots, ScatterbrokerError, UnreadableFile
+from ..errors import BrokenLink, OutsideRoots, RequestTooLarge, ScatterbrokerError, UnreadableFile
 from .roots import Roots, confine, normalize_roots
+from . import sequence as _sequence  # its MAX_READ_BYTES: one limit for every read
 from .units import put, to_canonical
 
 __all__ = ["NexusAdapter", "NexusField", "NexusErrorNode", "summary", "HDF5_MAGIC"]
@@ -196,8 +197,9 @@ class _Loc:
 class _Context:
     """Readable roots plus link resolution shared by all nodes of one tree."""
 
-    def __init__(self, roots: Roots) -> None:
+    def __init__(self, roots: Roots, field_specs: tuple[Spec, ...] = ()) -> None:
         self.roots = roots
+        self.field_specs = field_specs
 
     def open(self, file: Path) -> h5py.File:
         return _files.get(file)
@@ -325,15 +327,19 @@ class _Context:
 
 
 def _text(value: str | bytes) -> str:
-    """Decode bytes / clean surrogate-escaped str so that it is valid UTF-8 text."""
+    """Decode bytes / clean surrogate-escaped str so that it is valid UTF-8 text.
+
+    NUL becomes U+FFFD like any undecodable byte: PostgreSQL's JSONB (the
+    catalog's metadata column) cannot store it.
+    """
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return value.decode("utf-8", "replace").replace("\x00", "\ufffd")
     try:
         value.encode("utf-8")
-        return value
+        return value.replace("\x00", "\ufffd")
     except UnicodeEncodeError:
         raw = value.encode("utf-8", "surrogateescape" if _escaped(value) else "replace")
-        return raw.decode("utf-8", "replace")
+        return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
 def _escaped(value: str) -> bool:
@@ -558,6 +564,9 @@ class NexusField(Adapter[ArrayStructure]):
         if not shape or 0 in shape:
             return tuple((n,) for n in shape)
         if len(shape) >= 3:
+            if shape[0] > MAX_BLOCKS:  # never build a tuple of 2**40 ones
+                return (split_chunks(shape[0], -(-shape[0] // MAX_BLOCKS)),) + tuple(
+                    (n,) for n in shape[1:])
             return ((1,) * shape[0],) + tuple((n,) for n in shape[1:])
         if h5chunks and math.prod(math.ceil(n / c) for n, c in zip(shape, h5chunks)) <= MAX_BLOCKS:
             return tuple(split_chunks(n, c) for n, c in zip(shape, h5chunks))
@@ -598,9 +607,19 @@ class NexusField(Adapter[ArrayStructure]):
         if self._error is not None:
             raise type(self._error)(str(self._error))
         shape = self._structure.shape
-        h5sel, post, out_shape = _selection(sel, shape)
+        try:
+            h5sel, post, out_shape = _selection(sel, shape)
+        except (ValueError, TypeError) as err:  # e.g. a slice step of 0
+            raise IndexError(f"invalid selection {sel!r}: {err}") from None
         if 0 in out_shape or (shape and 0 in shape):
             return np.empty(out_shape, dtype=self._dtype)
+        nbytes, limit = math.prod(out_shape) * self._dtype.itemsize, _sequence.MAX_READ_BYTES
+        if nbytes > limit:  # refuse before h5py allocates (and fills) it
+            raise RequestTooLarge(
+                f"{_where(self._loc.file, self._loc.path)}: selection of shape {out_shape} "
+                f"would return {nbytes / 1e9:.2f} GB, more than the server's limit of "
+                f"{limit / 1e9:.2f} GB; request a smaller slice"
+            )
         try:
             loc, dset, _keep = self._ctx.resolve(self._loc.file, self._loc.path)
             if loc != self._loc or not isinstance(dset, h5py.Dataset):
@@ -616,6 +635,23 @@ class NexusField(Adapter[ArrayStructure]):
             raise UnreadableFile(f"{_where(self._loc.file, self._loc.path)}: {err}") from None
         arr = arr.astype(self._dtype, copy=False)
         return arr[post] if post else arr
+
+    def open_dataset(self) -> tuple[h5py.Dataset, h5py.File, tuple]:
+        """The dataset, re-resolved and confined exactly as for :meth:`read`.
+
+        For readers that go below h5py (the fast data route reads stored chunk
+        bytes itself). Returns the dataset, the file handle that keeps it open
+        (hold it while reading), and a key naming this dataset *and* the file's
+        current (device, inode, size, mtime) stamp, for caches that must drop
+        what they learnt when the file changes. Raises like :meth:`read`.
+        """
+        if self._error is not None:
+            raise type(self._error)(str(self._error))
+        loc, dset, keep = self._ctx.resolve(self._loc.file, self._loc.path)
+        if loc != self._loc or not isinstance(dset, h5py.Dataset):
+            raise BrokenLink(f"{_where(self._loc.file, self._loc.path)} changed on disk")
+        self._ctx.check_storage(loc, dset)
+        return dset, keep, (str(loc.file), _files.stamp(loc.file), loc.path)
 
     @staticmethod
     def _decode(dset: h5py.Dataset, h5sel: tuple) -> np.ndarray:
@@ -665,6 +701,9 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
     extensions = (".nxs", ".nx5", ".nexus", ".h5", ".hdf5", ".hdf")
     #: bound by the server to the resolved readable roots (see registry.bind_roots)
     readable_roots: Roots | None = None
+    #: specs given to every field (dataset) of the tree; the server sets
+    #: ``Spec("sb-array")`` when it mounts the fast data route (server.catalog)
+    field_specs: tuple[Spec, ...] = ()
 
     def __init__(
         self,
@@ -683,7 +722,7 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
         file = confine(path, roots, what="file")
         if not file.is_file():
             raise UnreadableFile(f"{file} is not a file")
-        ctx = _Context(roots)
+        ctx = _Context(roots, tuple(self.field_specs))
         handle = ctx.open(file)
         self._setup(ctx, _Loc(file, ()), handle, metadata, specs, root=True)
 
@@ -698,6 +737,7 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
         self._ctx, self._loc, self._root = ctx, loc, root
         try:
             self._keys = [_text(k) for k in group.keys()]
+            self._keyset = frozenset(self._keys)  # membership in O(1): listings are paged
         except Exception as err:
             raise UnreadableFile(
                 f"{_where(loc.file, loc.path)}: cannot list members ({err})"
@@ -771,7 +811,7 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
             return node
         key = key.strip("/")
         if key not in self._children:
-            if key not in self._keys:
+            if key not in self._keyset:
                 raise KeyError(key)
             self._children[key] = self._child(key)
         return self._children[key]
@@ -783,7 +823,7 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return key in self._keyset
 
     def _child(self, key: str) -> AnyNode:
         """Build the node for member ``key``; never raises for a bad member."""
@@ -797,7 +837,7 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
                 link = {"file": raw.filename, "path": raw.path}
             loc, obj, handle = self._ctx.resolve(self._loc.file, self._loc.path + (key,))
             if isinstance(obj, h5py.Dataset):
-                return NexusField(self._ctx, loc, obj)
+                return NexusField(self._ctx, loc, obj, specs=list(self._ctx.field_specs))
             if isinstance(obj, h5py.Group):
                 return type(self)._group(self._ctx, loc, obj)
             return NexusErrorNode(UnreadableFile(
@@ -960,7 +1000,7 @@ def _harvest(root: NexusAdapter) -> dict[str, Any]:
                 value = value[0]
             if quantity is None:
                 if isinstance(value, (str, int, float)):
-                    put(out, key, str(value) if not isinstance(value, str) else value)
+                    put(out, key, _text(str(value)))
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue

@@ -30,10 +30,25 @@ from .roots import confine
 
 #: Threads decoding frames concurrently (codecs release the GIL for most of a frame).
 IO_WORKERS = int(os.environ.get("SCATTERBROKER_IO_WORKERS") or min(8, (os.cpu_count() or 2) + 2))
-#: Largest array one read may return, bytes (``SCATTERBROKER_MAX_RESPONSE_BYTES``).
-MAX_READ_BYTES = int(os.environ.get("SCATTERBROKER_MAX_RESPONSE_BYTES") or 4 << 30)
+#: Largest array one read may return, bytes (``SCATTERBROKER_MAX_RESPONSE_BYTES``);
+#: Tiled's own ``response_bytesize_limit`` default, but checked before any frame is decoded.
+MAX_READ_BYTES = int(os.environ.get("SCATTERBROKER_MAX_RESPONSE_BYTES") or 300_000_000)
 
 _pool: ThreadPoolExecutor | None = None
+
+
+def expand(selection: Any, shape: Sequence[int]):
+    """``selection`` (numpy-style) as an ndindex expanded for ``shape``.
+
+    Out-of-range and malformed selections (a step of 0, an index too large for
+    the platform) raise IndexError, which Tiled answers with HTTP 400.
+    """
+    try:
+        return ndindex(tuple(selection) if isinstance(selection, tuple) else selection).expand(shape)
+    except IndexError:
+        raise
+    except (ValueError, TypeError, OverflowError) as err:
+        raise IndexError(f"invalid selection {selection!r}: {err}") from None
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -179,7 +194,7 @@ class FrameSequenceAdapter(Adapter[ArrayStructure]):
 
     def read(self, slice: Any = ...) -> np.ndarray:
         shape = self._structure.shape
-        key = ndindex(tuple(slice) if isinstance(slice, tuple) else slice).expand(shape)
+        key = expand(slice, shape)
         first, rest = key.args[0], tuple(a.raw for a in key.args[1:])
         positions = np.atleast_1d(np.arange(shape[0])[first.raw])
         dtype = self._structure.data_type.to_numpy_dtype()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import builtins
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ndindex import ndindex
 from tiled.adapters.core import Adapter
 from tiled.adapters.utils import init_adapter_from_catalog
 from tiled.structures.array import ArrayStructure, BuiltinDtype
@@ -22,7 +23,7 @@ from tiled.utils import path_from_uri
 from ..errors import IncompleteFile, UnreadableFile
 from .minicbf import CBFHeader, parse_text_header
 from .roots import confine
-from .sequence import FrameInfo, HarvestingSequence
+from .sequence import FrameInfo, HarvestingSequence, expand
 
 _MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -39,6 +40,11 @@ def _open(path: Path):
     except Exception as err:
         raise UnreadableFile(f"{path.name}: not a readable TIFF ({err})") from None
     try:
+        if len(tif.pages) == 0:  # tifffile only logs a bad first-IFD offset
+            raise UnreadableFile(
+                f"{path.name}: corrupt TIFF: no readable image directory "
+                "(the first IFD offset points outside the file)"
+            )
         for page in tif.pages:
             ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
             if ends and max(ends) > size:
@@ -68,15 +74,77 @@ def _sniff(path: Path) -> bool:
         return f.read(4) in _MAGICS
 
 
-def _read_pages(path: Path, key: Any = None) -> np.ndarray:
-    tif = _open(path)
+#: open multi-page TIFF files kept (LRU); SCATTERBROKER_TIFF_OPEN_FILES
+OPEN_FILES = int(os.environ.get("SCATTERBROKER_TIFF_OPEN_FILES") or 32)
+
+
+class _OpenTiffs:
+    """Bounded LRU of open, already validated ``TiffFile`` handles.
+
+    Parsing a stack's page directories (and checking every strip lies inside
+    the file) costs more than reading one page, so a stack read page by page
+    keeps its handle. Keyed by path; a handle is dropped when the file's
+    (device, inode, size, mtime) change. One lock per file: tifffile handles
+    are not safe for concurrent reads; different files read in parallel.
+    Single-page files are not kept (a sequence reads each once).
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = max(1, maxsize)
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, tuple] = OrderedDict()
+
+    def read(self, path: Path, key: Any) -> np.ndarray:
+        st = os.stat(path)
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._files.get(str(path))
+            if hit is not None and hit[0] == stamp:
+                self._files.move_to_end(str(path))
+        if hit is None or hit[0] != stamp:
+            tif = _open(path)
+            if len(tif.pages) == 1:
+                try:
+                    return _asarray(tif, path, key)
+                finally:
+                    tif.close()
+            hit = (stamp, tif, threading.Lock())
+            with self._lock:
+                old = self._files.pop(str(path), None)
+                self._files[str(path)] = hit
+                evicted = [old] if old else []
+                while len(self._files) > self.maxsize:
+                    evicted.append(self._files.popitem(last=False)[1])
+            for _stamp, handle, lock in evicted:
+                with lock:
+                    handle.close()
+        _stamp, tif, lock = hit
+        with lock:
+            if tif.filehandle.closed:  # evicted meanwhile by another thread
+                return _read_once(path, key)
+            return _asarray(tif, path, key)
+
+
+def _asarray(tif: Any, path: Path, key: Any) -> np.ndarray:
     try:
-        data = tif.asarray(key=key)
+        return tif.asarray(key=key)
     except Exception as err:
         raise UnreadableFile(f"{path.name}: corrupt TIFF image data ({err})") from None
+
+
+def _read_once(path: Path, key: Any) -> np.ndarray:
+    tif = _open(path)
+    try:
+        return _asarray(tif, path, key)
     finally:
         tif.close()
-    return data
+
+
+_tiffs = _OpenTiffs(OPEN_FILES)
+
+
+def _read_pages(path: Path, key: Any = None) -> np.ndarray:
+    return _tiffs.read(path, key)
 
 
 class TIFFAdapter(Adapter[ArrayStructure]):
@@ -131,22 +199,30 @@ class TIFFAdapter(Adapter[ArrayStructure]):
     def metadata(self) -> dict:
         return {**self._header_md, **self._metadata}
 
+    @property
+    def _multipage(self) -> bool:
+        """One page per chunk along axis 0 (a single page may itself be 3-D: RGB planes)."""
+        shape, chunks = self._structure.shape, self._structure.chunks
+        return len(shape) >= 3 and tuple(chunks[0]) == (1,) * shape[0]
+
     def read(self, slice: Any = ...) -> np.ndarray:
         shape = self._structure.shape
-        key = ndindex(tuple(slice) if isinstance(slice, tuple) else slice).expand(shape)
-        if len(shape) < 3:
+        key = expand(slice, shape)
+        if not self._multipage:
             return _read_pages(self._path).reshape(shape)[key.raw]
         # Decode only the pages the first index selects.
         pages = np.atleast_1d(np.arange(shape[0])[key.args[0].raw])
+        if not len(pages):
+            return np.empty(key.newshape(shape), dtype=self._structure.data_type.to_numpy_dtype())
         data = _read_pages(self._path, key=pages.tolist()).reshape(len(pages), *shape[1:])
         rest = tuple(a.raw for a in key.args[1:])
         return data[(builtins.slice(None), *rest)].reshape(key.newshape(shape))
 
     def read_block(self, block: tuple[int, ...], slice: Any = None) -> np.ndarray:
         shape = self._structure.shape
-        if any(block[1:]) or (len(shape) < 3 and any(block)):
+        if any(block[1:]) or (not self._multipage and any(block)):
             raise IndexError(f"block {block} is outside the TIFF's chunk grid")
-        if len(shape) == 3:
+        if self._multipage:
             data = _read_pages(self._path, key=block[0]).reshape(1, *shape[1:])
         else:
             data = _read_pages(self._path).reshape(shape)
