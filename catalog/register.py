@@ -24,11 +24,16 @@ from tiled.utils import ensure_uri
 from ..adapters import registry
 from ..adapters.roots import Roots, confine
 from ..errors import ScatterbrokerError
+from .checksum import ALGORITHM, checksums, file_checksum
 from .names import check_key
+from .sidecar import merge, sidecar_for
 from .walk import Listing, Sequence, Single, walk
 
 #: Spec of a scan container holding ``frames`` (array) and ``headers`` (table).
 SCAN_SPEC = Spec("scan")
+#: Spec of array nodes the Python client reads through the fast data route
+#: (scatterbroker.client.FastArrayClient; plain Tiled clients ignore it).
+FAST_SPEC = Spec("sb-array")
 
 Progress = Callable[[int, str], None]
 
@@ -51,7 +56,8 @@ class Report:
         )
 
 
-def _source(item: Sequence | Single) -> dict[str, Any]:
+def source_of(item: Sequence | Single) -> dict[str, Any]:
+    """What a node was built from; an unchanged source means nothing to redo."""
     size, mtime = item.stats
     if isinstance(item, Single):
         return {"path": str(item.path), "files": 1, "bytes": size, "mtime_ns": mtime}
@@ -141,7 +147,7 @@ def _register_listing(
         n_files = 1 if isinstance(item, Single) else len(item.numbers)
         label = f"{where}/{key}".lstrip("/")
         report.files += n_files
-        source = _source(item)
+        source = source_of(item)
         try:
             check_key(key)
             if key in existing:
@@ -153,9 +159,9 @@ def _register_listing(
             else:
                 changed = False
             if isinstance(item, Single):
-                _register_single(node, key, item, source)
+                register_single(node, key, item, source)
             else:
-                for bad, why in _register_sequence(node, key, item, source):
+                for bad, why in register_sequence(node, key, item, source):
                     report.failed.append((str(bad), why))
             (report.updated if changed else report.created).append(label)
         except (ScatterbrokerError, ClientError, OSError) as err:
@@ -166,7 +172,8 @@ def _register_listing(
                 progress(n_files, label)
 
 
-def _register_single(node: Any, key: str, item: Single, source: dict) -> None:
+def register_single(node: Any, key: str, item: Single, source: dict) -> None:
+    """Create the node for one file, with its checksum in ``metadata["checksum"]``."""
     cls = registry.adapters_by_mimetype()[item.mimetype]
     uri = ensure_uri(str(item.path))
     adapter = cls.from_uris(uri)
@@ -190,28 +197,59 @@ def _register_single(node: Any, key: str, item: Single, source: dict) -> None:
         structure_family=adapter.structure_family,
         data_sources=data_sources,
         key=key,
-        metadata={**adapter.metadata(), "source": source},
-        specs=list(adapter.specs),
+        metadata={
+            **adapter.metadata(),
+            "source": source,
+            "checksum": {ALGORITHM: file_checksum(item.path)},
+        },
+        specs=list(adapter.specs) + (
+            [FAST_SPEC] if adapter.structure_family == StructureFamily.array else []),
     )
 
 
-def _register_sequence(node: Any, key: str, item: Sequence, source: dict) -> list[tuple[Path, str]]:
-    """Create the scan container (``frames`` + ``headers``); return rejected frames."""
-    import pandas as pd
+def register_sequence(node: Any, key: str, item: Sequence, source: dict) -> list[tuple[Path, str]]:
+    """Create the scan container (``frames`` + ``headers``); return rejected frames.
 
+    ``headers`` is an appendable table (one row per frame: number, file name,
+    header values, checksum) so the watcher can grow it frame by frame.
+    """
     cls = registry.adapters_by_mimetype()[item.mimetype]
     harvest = cls.harvest(item.directory, item.prefix, item.width, item.suffix, item.numbers)
-    scan = node.create_container(
-        key=key,
-        metadata={**harvest.adapter.metadata(), "source": source},
-        specs=[SCAN_SPEC],
-    )
-    scan.new(
-        structure_family=StructureFamily.array,
-        data_sources=[harvest.adapter.data_source(item.mimetype)],
-        key="frames",
-        metadata={"axes": ["frame", "y", "x"]},
-    )
-    if harvest.columns:
-        scan.write_dataframe(pd.DataFrame(harvest.columns), key="headers")
-    return harvest.rejected
+    extra, problems = sidecar_for(item.directory, item.key)
+    metadata = merge(dict(harvest.adapter.metadata()), extra)
+    if problems:
+        metadata["problems"] = problems
+    # The source record goes on last: a scan that failed half-way has none, so
+    # the next run rebuilds it instead of counting it unchanged.
+    scan = node.create_container(key=key, metadata=metadata, specs=[SCAN_SPEC])
+    try:
+        scan.new(
+            structure_family=StructureFamily.array,
+            data_sources=[harvest.adapter.data_source(item.mimetype)],
+            key="frames",
+            metadata={"axes": ["frame", "y", "x"]},
+            specs=[FAST_SPEC],
+        )
+        columns = dict(harvest.columns)
+        columns[ALGORITHM] = checksums(item.directory / name for name in columns["file"])
+        create_headers(scan, columns)
+        scan.update_metadata(metadata={"source": source}, drop_revision=True)
+    except BaseException:
+        scan.delete(recursive=True, external_only=False)  # no half scans in the catalog
+        raise
+    return harvest.rejected + [(item.directory, why) for why in problems]
+
+
+def create_headers(scan: Any, columns: dict[str, list]) -> Any:
+    """The scan's appendable ``headers`` table, holding ``columns`` as its first rows."""
+    import pandas as pd
+    import pyarrow as pa
+
+    rows = pa.Table.from_pandas(pd.DataFrame(columns), preserve_index=False)
+    # A column empty in every frame has Arrow type null, which Tiled cannot store.
+    rows = rows.cast(pa.schema([
+        pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in rows.schema
+    ]))
+    table = scan.create_appendable_table(rows.schema, key="headers")
+    table.append_partition(0, rows)  # an Arrow table: a DataFrame would add its index
+    return table

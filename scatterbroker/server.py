@@ -17,6 +17,7 @@ from typing import Any
 
 from .adapters import registry
 from .adapters.roots import normalize_roots
+from .catalog.guard import guard
 
 #: Where ``scatterbroker serve`` keeps its catalog and written data by default.
 DEFAULT_DATA_DIR = Path(os.environ.get("SCATTERBROKER_DATA", "scatterbroker-data"))
@@ -27,6 +28,7 @@ def catalog(
     readable_storage: list[str] | None = None,
     writable_storage: list[str] | None = None,
     init_if_not_exists: bool = True,
+    cache_config: dict[str, Any] | None = None,
     **kwargs: Any,
 ):
     """Tiled catalog (SQLite or PostgreSQL ``uri``) serving our adapter plug-ins.
@@ -34,6 +36,11 @@ def catalog(
     ``readable_storage`` are the readable roots: registered files, and every
     link or external source inside an HDF5 file, must resolve inside them.
     Writable storage is readable too (products live there).
+
+    ``cache_config`` is Tiled's streaming cache (websocket subscriptions, so a
+    client following a scan hears of each new frame): in-process memory by
+    default; ``{"uri": "redis://host:6379"}`` when several workers serve.
+    (Tiled fills this only for its own tree factories, so configs name it here.)
     """
     from tiled.catalog import from_uri
 
@@ -41,15 +48,34 @@ def catalog(
         [_path(s) for s in [*(readable_storage or []), *(writable_storage or [])] if _is_path(s)]
     )
     adapters = registry.bind_roots(registry.adapters_by_mimetype(), roots)
+    # This tree serves the fast data route (below): datasets inside files say so
+    # with a spec, which makes the Python client use it (scatterbroker.client).
+    from tiled.structures.core import Spec
+
+    adapters = {
+        mt: type(cls.__name__, (cls,), {"field_specs": (Spec("sb-array"),)})
+        if hasattr(cls, "field_specs") else cls
+        for mt, cls in adapters.items()
+    }
     adapters.update(kwargs.pop("adapters_by_mimetype", None) or {})
-    return from_uri(
+    tree = from_uri(
         uri,
         readable_storage=readable_storage,
         writable_storage=writable_storage,
         init_if_not_exists=init_if_not_exists,
         adapters_by_mimetype=adapters,
+        cache_config=dict(cache_config or {"uri": "memory"}),
         **kwargs,
     )
+    # Tiled mounts a tree's ``include_routers`` under /api/v1 (and /custom): the
+    # fast data route (scatterbroker.fastpath) comes with every scatterbroker tree.
+    from .fastpath import router
+    from .jobs_api import router as jobs_router
+
+    tree.include_routers = [*getattr(tree, "include_routers", []), router, jobs_router]
+    # Refuse bad node keys, and assets outside the roots, when they are registered
+    # (stock Tiled stores them and fails only on read): see catalog/guard.py.
+    return guard(tree, roots)
 
 
 def _is_path(storage: str) -> bool:
@@ -68,11 +94,13 @@ def local_config(
     *,
     api_key: str | None,
     public: bool = False,
+    catalog_uri: str | None = None,
 ) -> dict[str, Any]:
     """Config for one machine: embedded SQLite catalog in ``data_dir``.
 
     ``public`` (the demo profile only) lets anonymous clients read; writing
-    always needs the API key.
+    always needs the API key. ``catalog_uri`` replaces the SQLite file with
+    another catalog database, e.g. ``postgresql+asyncpg://user@host:5432/db``.
     """
     data_dir = Path(data_dir).resolve()
     (data_dir / "files").mkdir(parents=True, exist_ok=True)
@@ -82,7 +110,7 @@ def local_config(
                 "path": "/",
                 "tree": "scatterbroker.server:catalog",
                 "args": {
-                    "uri": f"sqlite:///{data_dir / 'catalog.db'}",
+                    "uri": catalog_uri or f"sqlite:///{data_dir / 'catalog.db'}",
                     "readable_storage": [str(Path(r).resolve()) for r in roots],
                     "writable_storage": [
                         str(data_dir / "files"),
@@ -96,6 +124,9 @@ def local_config(
             "single_user_api_key": api_key or new_api_key(),
             "allow_anonymous_access": public,
         },
+        # Tiled's raw-file download routes (/asset/bytes, /asset/manifest) bypass the
+        # readable roots: they follow symlinks and, in 0.2.20, `relative_path=../..`.
+        "expose_raw_assets": False,
     }
 
 
@@ -104,14 +135,35 @@ def new_api_key() -> str:
     return secrets.token_hex(16)
 
 
-def build_app(config: dict[str, Any] | str | os.PathLike[str]):
-    """The ASGI app for a config dict or a YAML config file/directory."""
-    from tiled.config import parse_configs
+def build_app(config: Any):
+    """The ASGI app for a config dict, a parsed Tiled ``Config``, or a YAML file/directory."""
+    from tiled.config import Config, parse_configs
     from tiled.server.app import build_app_from_config
 
-    if isinstance(config, dict):
-        return build_app_from_config(config)
-    return build_app_from_config(parse_configs(config))
+    if isinstance(config, (dict, Config)):
+        app = build_app_from_config(config)
+    else:
+        app = build_app_from_config(parse_configs(config))
+    # Requests to the fast data route skip Tiled's middleware stack (see
+    # scatterbroker.fastpath.FastLane); everything else is Tiled's app.
+    from .fastpath import FastLane
+
+    app.add_middleware(FastLane)
+    return app
+
+
+def app_factory():
+    """The app for multi-process serving, from the YAML config in ``$SCATTERBROKER_CONFIG``
+    (else ``$TILED_CONFIG``, else ``./config.yml``).
+
+    Each worker process builds its own app (own handle caches, own thread
+    pools), so requests spread over CPUs and no lock is shared between them::
+
+        SCATTERBROKER_CONFIG=server_config/facility.yml \\
+            uvicorn --factory scatterbroker.server:app_factory --workers 4 --port 8000
+        # or: gunicorn -k uvicorn.workers.UvicornWorker -w 4 'scatterbroker.server:app_factory()'
+    """
+    return build_app(os.environ.get("SCATTERBROKER_CONFIG") or os.environ.get("TILED_CONFIG", "config.yml"))
 
 
 @contextlib.contextmanager
