@@ -70,3 +70,9 @@ class InvalidName(ScatterbrokerError):
     """A node name that cannot be a catalog key (``/``, ``..``, NUL, too long)."""
 
     status_code = 422
+
+
+class InvalidMetadata(ScatterbrokerError):
+    """Metadata the catalog cannot store (a NUL character: PostgreSQL's JSONB refuses it)."""
+
+    status_code = 422

@@ -3,17 +3,27 @@
 The session server serves ``raw/``, ``scans/`` and ``wrappers/`` of one data
 tree, registered the way ``scatterbroker serve DIR...`` does it. Tests that
 change files or the catalog make their own tree and server.
+
+Every server runs once per catalog backend (fixture ``backend``): embedded
+SQLite (catalog file + DuckDB tables) and a real throwaway PostgreSQL (one new
+database for the catalog and one for tables per server; see ``postgres.py``).
+Without PostgreSQL binaries the PostgreSQL runs are skipped, or fail when the
+``CI`` environment variable is set.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 warnings.filterwarnings("ignore")
+
+pytest_plugins = ["pytester"]  # test_postgres runs a pytest session without PostgreSQL
 
 # Tiled keeps the single-user key in process-global settings, so every server
 # started inside the test process must use this one key.
@@ -98,15 +108,74 @@ def tree(tmp_path_factory) -> tuple[Path, dict]:
     return root, write_tree(root)
 
 
-def start_server(data_dir: Path, roots: list[Path], *, public: bool = False):
-    """Context manager: a real scatterbroker server on a free loopback port."""
-    from scatterbroker.server import build_app, local_config, serve_in_thread
+@dataclass(frozen=True)
+class Backend:
+    """Where a test server keeps its catalog: ``"sqlite"`` or ``"postgresql"``."""
 
-    return serve_in_thread(build_app(local_config(data_dir, roots, api_key=API_KEY, public=public)))
+    name: str
+    postgres: object = None  # postgres.PostgresServer for "postgresql"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def config(self, data_dir: Path, roots: list[Path], *, public: bool = False) -> dict:
+        """``local_config`` for one new server, with fresh databases on PostgreSQL."""
+        from scatterbroker.server import local_config
+
+        if self.name == "sqlite":
+            return local_config(data_dir, roots, api_key=API_KEY, public=public)
+        pg = self.postgres
+        config = local_config(data_dir, roots, api_key=API_KEY, public=public,
+                              catalog_uri=pg.uri(pg.create_database("catalog")))
+        # Tables (scan headers) in PostgreSQL too, as in server_config/facility.yml.
+        storage = config["trees"][0]["args"]["writable_storage"]
+        storage[:] = [s for s in storage if not s.startswith("duckdb:")]
+        storage.append(pg.uri(pg.create_database("tables"), driver="postgresql"))
+        return config
+
+
+SQLITE = Backend("sqlite")
 
 
 @pytest.fixture(scope="session")
-def served(tree, tmp_path_factory):
+def postgres():
+    """A throwaway PostgreSQL server for the whole session (see postgres.py)."""
+    from postgres import PostgresError, PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        why = ("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in "
+               "/usr/lib/postgresql/*/bin; install them (apt-get install postgresql)")
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {why}", pytrace=False)
+        pytest.skip(f"PostgreSQL catalog tests skipped: {why}")
+    try:
+        server = PostgresServer(bindir).start()
+    except PostgresError as err:
+        pytest.fail(str(err), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def backend(request) -> Backend:
+    """The catalog backend: every test using it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return SQLITE
+    return Backend("postgresql", request.getfixturevalue("postgres"))
+
+
+def start_server(data_dir: Path, roots: list[Path], *, public: bool = False,
+                 backend: Backend = SQLITE):
+    """Context manager: a real scatterbroker server on a free loopback port,
+    its catalog in ``backend`` (pass the ``backend`` fixture)."""
+    from scatterbroker.server import build_app, serve_in_thread
+
+    return serve_in_thread(build_app(backend.config(data_dir, roots, public=public)))
+
+
+@pytest.fixture(scope="session")
+def served(tree, tmp_path_factory, backend):
     """(base URL, registration reports by directory name, arrays written)."""
     from tiled.client import from_uri
 
@@ -114,7 +183,7 @@ def served(tree, tmp_path_factory):
 
     root, arrays = tree
     dirs = [root / "raw", root / "scans", root / "wrappers"]
-    with start_server(tmp_path_factory.mktemp("catalog"), dirs) as url:
+    with start_server(tmp_path_factory.mktemp("catalog"), dirs, backend=backend) as url:
         client = from_uri(url, api_key=API_KEY)
         reports = {d.name: register(client, d, prefix=d.name) for d in dirs}
         yield url, reports, arrays
@@ -133,6 +202,20 @@ def http(served):
 
     with httpx.Client(base_url=served[0], headers={"Authorization": f"Apikey {API_KEY}"}) as c:
         yield c
+
+
+def _environ_restored():
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# Undo environment changes a test module (or a library it imports) leaves behind,
+# e.g. ipykernel sets FORCE_COLOR=1, which makes later CLI subprocesses print colour.
+_restore_environ_per_module = pytest.fixture(scope="module", autouse=True)(_environ_restored)
+_restore_environ = pytest.fixture(autouse=True)(_environ_restored)
 
 
 @pytest.fixture(autouse=True)

@@ -116,7 +116,7 @@ def test_api_key_required_for_non_demo_server(served):
     assert r.status_code == 200
 
 
-def test_unreadable_frame_gives_4xx_and_the_rest_keeps_serving(tmp_path):
+def test_unreadable_frame_gives_4xx_and_the_rest_keeps_serving(tmp_path, backend):
     """A frame truncated after registration: its read is a 422 naming the file."""
     import httpx
     from tiled.client import from_uri
@@ -128,7 +128,7 @@ def test_unreadable_frame_gives_4xx_and_the_rest_keeps_serving(tmp_path):
     frames = make_frames(4)
     for i, frame in enumerate(frames, start=1):
         write_cbf(raw / f"scan_{i:05d}.cbf", frame, i)
-    with start_server(tmp_path / "db", [raw]) as url:
+    with start_server(tmp_path / "db", [raw], backend=backend) as url:
         register(from_uri(url, api_key=API_KEY), raw, prefix="raw")
         whole = (raw / "scan_00003.cbf").read_bytes()
         (raw / "scan_00003.cbf").write_bytes(whole[:1000])  # the detector file got damaged
@@ -141,7 +141,7 @@ def test_unreadable_frame_gives_4xx_and_the_rest_keeps_serving(tmp_path):
         assert np.array_equal(np.frombuffer(r.content, "<i4").reshape(24, 32), frames[1])
 
 
-def test_huge_slice_is_refused_with_413(tmp_path, monkeypatch):
+def test_huge_slice_is_refused_with_413(tmp_path, monkeypatch, backend):
     import httpx
     from tiled.client import from_uri
 
@@ -153,7 +153,7 @@ def test_huge_slice_is_refused_with_413(tmp_path, monkeypatch):
     for i, frame in enumerate(make_frames(4), start=1):
         write_cbf(raw / f"scan_{i:05d}.cbf", frame, i)
     monkeypatch.setattr(sequence, "MAX_READ_BYTES", 2 * 24 * 32 * 4)  # two frames
-    with start_server(tmp_path / "db", [raw]) as url:
+    with start_server(tmp_path / "db", [raw], backend=backend) as url:
         register(from_uri(url, api_key=API_KEY), raw, prefix="raw")
         h = {"Authorization": f"Apikey {API_KEY}"}
         r = httpx.get(f"{url}/api/v1/array/full/raw/scan/frames", headers=h)
@@ -162,7 +162,7 @@ def test_huge_slice_is_refused_with_413(tmp_path, monkeypatch):
         assert r.status_code == 200
 
 
-def test_registration_is_incremental(tmp_path):
+def test_registration_is_incremental(tmp_path, backend):
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
@@ -172,7 +172,7 @@ def test_registration_is_incremental(tmp_path):
     frames = make_frames(6)
     for i, frame in enumerate(frames[:4], start=1):
         write_cbf(raw / f"scan_{i:05d}.cbf", frame, i)
-    with start_server(tmp_path / "db", [tmp_path / "raw"]) as url:
+    with start_server(tmp_path / "db", [tmp_path / "raw"], backend=backend) as url:
         client = from_uri(url, api_key=API_KEY)
         first = register(client, tmp_path / "raw", prefix="raw")
         assert first.created == ["raw/sample/scan"]
@@ -201,7 +201,7 @@ def test_registration_outside_roots_is_refused(tmp_path):
         register(None, inside / ".." / "out", roots=normalize_roots([inside]))
 
 
-def test_frame_of_another_shape_is_left_out_and_reported(tmp_path):
+def test_frame_of_another_shape_is_left_out_and_reported(tmp_path, backend):
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
@@ -211,7 +211,7 @@ def test_frame_of_another_shape_is_left_out_and_reported(tmp_path):
     frames = make_frames(5)
     for i, frame in enumerate(frames, start=1):
         write_cbf(raw / f"scan_{i:05d}.cbf", frame if i != 3 else frame[:10], i)
-    with start_server(tmp_path / "db", [raw]) as url:
+    with start_server(tmp_path / "db", [raw], backend=backend) as url:
         client = from_uri(url, api_key=API_KEY)
         report = register(client, raw, prefix="raw")
         assert report.created == ["raw/scan"]
@@ -221,3 +221,23 @@ def test_frame_of_another_shape_is_left_out_and_reported(tmp_path):
         assert stack.shape == (4, 24, 32)
         assert np.array_equal(stack.read(), frames[[0, 1, 3, 4]])
         assert list(client["raw/scan/headers"].read()["frame"]) == [1, 2, 4, 5]
+
+
+def test_cbf_frames_without_a_minicbf_header_register(tmp_path):
+    """Frames with no Pilatus header lines: columns that are empty in every frame still store."""
+    import fabio.cbfimage
+    from tiled.client import from_uri
+
+    from scatterbroker.catalog.register import register
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    frames = make_frames(3)
+    for i, frame in enumerate(frames, start=1):
+        fabio.cbfimage.CbfImage(data=frame).write(str(raw / f"bare_{i:05d}.cbf"))
+    with start_server(tmp_path / "db", [raw]) as url:
+        client = from_uri(url, api_key=API_KEY)
+        report = register(client, raw, prefix="raw")
+        assert report.created == ["raw/bare"] and report.failed == []
+        assert list(client["raw/bare/headers"].read()["frame"]) == [1, 2, 3]
+        assert np.array_equal(client["raw/bare/frames"].read(), frames)

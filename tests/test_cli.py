@@ -36,13 +36,13 @@ def test_info_lists_adapter_plugins():
     assert "image/x-cbf" in out.stdout and "multipart/related;type=image/x-cbf" in out.stdout
 
 
-def test_register_and_ls(tmp_path):
+def test_register_and_ls(tmp_path, backend):
     raw = tmp_path / "raw" / "sample"
     raw.mkdir(parents=True)
     for i, frame in enumerate(make_frames(3), start=1):
         write_cbf(raw / f"scan_{i:05d}.cbf", frame, i)
     (raw / "truncated.cbf").write_bytes((raw / "scan_00001.cbf").read_bytes()[:500])
-    with start_server(tmp_path / "db", [tmp_path / "raw"]) as url:
+    with start_server(tmp_path / "db", [tmp_path / "raw"], backend=backend) as url:
         out = run("register", url, str(tmp_path / "raw"), "--prefix", "raw/p42",
                   env={"SCATTERBROKER_API_KEY": API_KEY})
         assert out.returncode == 0, out.stderr
@@ -54,12 +54,12 @@ def test_register_and_ls(tmp_path):
         assert "(3, 24, 32) int32" in out.stdout
 
 
-def test_errors_are_one_line(tmp_path):
+def test_errors_are_one_line(tmp_path, backend):
     out = run("ls", "http://127.0.0.1:9", "--api-key", "x")  # nothing listens on port 9
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0
     assert "cannot connect" in out.stderr and "Traceback" not in out.stderr
-    with start_server(tmp_path / "db", [tmp_path]) as url:
+    with start_server(tmp_path / "db", [tmp_path], backend=backend) as url:
         out = run("ls", url, env={"SCATTERBROKER_API_KEY": ""})
         assert out.returncode == 1 and "API key" in out.stderr and "Traceback" not in out.stderr
         out = run("ls", url, "no/such/node", "--api-key", API_KEY)
@@ -105,3 +105,14 @@ def test_serve_demo_then_slice_with_python_and_curl(tmp_path):
         proc.wait(30)
     # A restart registers nothing new: the catalog persists in SCATTERBROKER_DATA.
     assert (tmp_path / "data" / "catalog.db").exists()
+
+
+def test_anonymous_profiles_refuse_to_bind_beyond_loopback(tmp_path):
+    from pathlib import Path
+
+    demo_yml = Path(__file__).resolve().parent.parent / "server_config" / "demo.yml"
+    env = {"SCATTERBROKER_DATA": str(tmp_path)}
+    out = run("serve", "--demo", "--host", "0.0.0.0", env=env)
+    assert out.returncode == 2 and "loopback" in out.stderr
+    out = run("serve", "--config", str(demo_yml), "--host", "0.0.0.0", env=env)
+    assert out.returncode == 2 and "loopback" in out.stderr

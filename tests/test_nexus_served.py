@@ -61,7 +61,7 @@ def _write_wrapper_with_links(path, inside_target, outside_target):
         entry["title"] = "links"
 
 
-def test_broken_and_escaping_links_are_reported_and_refused(tmp_path, tree):
+def test_broken_and_escaping_links_are_reported_and_refused(tmp_path, tree, backend):
     """Through registration and the server: siblings read, the escape is a 403."""
     from tiled.client import from_uri
 
@@ -76,7 +76,7 @@ def test_broken_and_escaping_links_are_reported_and_refused(tmp_path, tree):
     served_dir.mkdir()
     relative_escape = "../outside/secret.h5"  # relative to the wrapper: leaves the root
     _write_wrapper_with_links(served_dir / "w.nxs", str(root / "scans/s1/scan1.nxs"), relative_escape)
-    with start_server(tmp_path / "db", [served_dir, root / "scans"]) as url:
+    with start_server(tmp_path / "db", [served_dir, root / "scans"], backend=backend) as url:
         client = from_uri(url, api_key=API_KEY)
         report = register(client, served_dir, prefix="w")
         assert report.created == ["w/w"], report.failed

@@ -1,0 +1,152 @@
+"""Server-side checks on what a client may put into the catalog.
+
+Tiled 0.2.20 stores whatever a client with write scope sends: node keys such
+as ``..``, ``a/b`` or NUL, and ``file://`` assets anywhere on the server's
+file system (it only refuses them later, at read time, with an HTTP 500, and
+its prefix check lets ``root/../elsewhere`` through). :func:`guard` makes a
+catalog refuse such requests when they arrive, whatever client sent them:
+
+* every node key must pass :func:`~scatterbroker.catalog.names.check_key`
+  (HTTP 422);
+* metadata must not contain a NUL character, in a key or a string value
+  (HTTP 422): PostgreSQL's JSONB cannot store it (stock Tiled answers 500
+  there, and SQLite would accept it, so a catalog could not move);
+* every path-based asset (``file:``, ``sqlite:``, ``duckdb:``) of an
+  externally managed data source must resolve, after symlinks and ``..``,
+  inside the readable roots, and be a regular file or a directory, not a
+  device or FIFO (HTTP 403). A path that does not exist yet is accepted when
+  its location is inside a root (a scan directory the detector has not filled).
+
+It also works around one Tiled 0.2.20 bug that turns a valid request into an
+HTTP 500: an empty selection (``slice=0:0``) of a 2-D or larger array as
+``application/octet-stream`` (its serializer catches ``ValueError`` but
+``memoryview.cast`` raises ``TypeError`` for a zero in the shape).
+
+It wraps ``create_node``, ``put_data_source`` and ``replace_metadata`` of
+Tiled's catalog node class
+once per process; the checks apply only to catalogs passed to :func:`guard`,
+so other Tiled catalogs in the same process are untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ..adapters.roots import Roots, confine, is_inside
+from ..errors import BrokenLink, InvalidMetadata, OutsideRoots
+from .names import check_key
+
+_ATTRIBUTE = "_scatterbroker_roots"
+_PATH_SCHEMES = {"file", "sqlite", "duckdb"}
+
+
+def check_asset(data_uri: str, roots: Roots) -> None:
+    """Raise OutsideRoots unless a path-based asset URI lies inside ``roots``."""
+    from tiled.utils import path_from_uri
+
+    if urlparse(data_uri).scheme not in _PATH_SCHEMES:
+        return
+    path = path_from_uri(data_uri)
+    try:
+        confine(path, roots, what="asset")
+    except BrokenLink:
+        # Missing (not yet written) or a symlink loop: accept only if its
+        # location is inside a root; reading it later is confined again.
+        resolved = Path(os.path.realpath(path))
+        if not is_inside(resolved, roots):
+            raise OutsideRoots(
+                f"asset {str(path)!r} resolves to {resolved}, outside the readable roots"
+            ) from None
+
+
+def check_data_sources(data_sources: Any, roots: Roots) -> None:
+    from tiled.structures.data_source import Management
+
+    for data_source in data_sources or []:
+        if getattr(data_source, "management", None) != Management.external:
+            continue  # the server writes those itself, in writable storage
+        for asset in getattr(data_source, "assets", None) or []:
+            check_asset(asset.data_uri, roots)
+
+
+def check_metadata(metadata: Any) -> None:
+    """Raise InvalidMetadata if a key or string anywhere in ``metadata`` holds a NUL."""
+    stack, where = [(metadata, "")], ""
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidMetadata(f"metadata value at {where or '/'!r} contains a NUL character")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(k, str) and "\x00" in k:
+                    raise InvalidMetadata(f"metadata key {k!r} contains a NUL character")
+                stack.append((v, f"{where}/{k}"))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{where}/{i}") for i, v in enumerate(value))
+
+
+def guard(catalog: Any, roots: Roots) -> Any:
+    """Make ``catalog`` (from ``tiled.catalog.from_uri``) check keys and assets."""
+    _install()
+    setattr(catalog.context, _ATTRIBUTE, tuple(roots))
+    return catalog
+
+
+def _as_buffer(mimetype: str, array: Any, metadata: Any) -> Any:
+    """Tiled's octet-stream array serializer, also for arrays with a 0 in their shape."""
+    import numpy
+
+    array = numpy.ascontiguousarray(array)
+    if array.size == 0:
+        return b""
+    try:
+        return memoryview(array).cast("B")
+    except (ValueError, TypeError):
+        return array.tobytes()
+
+
+@functools.lru_cache(maxsize=1)
+def _install() -> None:
+    from tiled.catalog.adapter import CatalogNodeAdapter
+    from tiled.media_type_registration import default_serialization_registry
+
+    default_serialization_registry.register("array", "application/octet-stream", _as_buffer)
+
+    create_node = CatalogNodeAdapter.create_node
+    put_data_source = CatalogNodeAdapter.put_data_source
+
+    @functools.wraps(create_node)
+    async def guarded_create_node(self, structure_family, metadata, key=None, specs=None,
+                                  data_sources=None, *args, **kwargs):
+        roots = getattr(self.context, _ATTRIBUTE, None)
+        if roots is not None:
+            if key is not None:
+                check_key(key)
+            check_metadata(metadata)
+            check_data_sources(data_sources, roots)
+        return await create_node(self, structure_family, metadata, key, specs,
+                                 data_sources, *args, **kwargs)
+
+    @functools.wraps(put_data_source)
+    async def guarded_put_data_source(self, data_source, *args, **kwargs):
+        roots = getattr(self.context, _ATTRIBUTE, None)
+        if roots is not None:
+            check_data_sources([data_source], roots)
+        return await put_data_source(self, data_source, *args, **kwargs)
+
+    replace_metadata = CatalogNodeAdapter.replace_metadata
+
+    @functools.wraps(replace_metadata)
+    async def guarded_replace_metadata(self, metadata=None, *args, **kwargs):
+        if getattr(self.context, _ATTRIBUTE, None) is not None:
+            check_metadata(metadata)
+        return await replace_metadata(self, metadata, *args, **kwargs)
+
+    CatalogNodeAdapter.replace_metadata = guarded_replace_metadata
+    CatalogNodeAdapter.create_node = guarded_create_node
+    CatalogNodeAdapter.put_data_source = guarded_put_data_source
