@@ -11,15 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tiled.adapters.core import Adapter
-from tiled.adapters.utils import init_adapter_from_catalog
 from tiled.structures.array import ArrayStructure, BuiltinDtype
-from tiled.structures.core import StructureFamily
-from tiled.utils import path_from_uri
 
 from ..errors import UnreadableFile
 from .minicbf import MAGIC, parse_header, read_header
-from .roots import confine
+from .single import SingleFileAdapter
 from .sequence import FrameInfo, HarvestingSequence, expand
 
 
@@ -58,7 +54,7 @@ def _sniff(path: Path) -> bool:
         return f.read(len(MAGIC)) == MAGIC
 
 
-class CBFAdapter(Adapter[ArrayStructure]):
+class CBFAdapter(SingleFileAdapter):
     """One CBF frame as a (ny, nx) array; the miniCBF header is its metadata.
 
     Examples
@@ -66,46 +62,19 @@ class CBFAdapter(Adapter[ArrayStructure]):
     >>> CBFAdapter.from_uris("file:///data/scan_00001.cbf").read()[0, :4]  # doctest: +SKIP
     """
 
-    structure_family = StructureFamily.array
     mimetype = "image/x-cbf"
     extensions = (".cbf",)
-    readable_roots = None
-
-    def __init__(
-        self,
-        data_uri: str,
-        structure: ArrayStructure | None = None,
-        *,
-        metadata: dict | None = None,
-        specs: list | None = None,
-    ) -> None:
-        path = Path(path_from_uri(data_uri))
-        if self.readable_roots is not None:
-            path = confine(path, self.readable_roots, what="file")
-        self._path = path
-        self._header_md: dict = {}
-        if structure is None:
-            header = read_header(path)
-            structure = ArrayStructure(
-                data_type=BuiltinDtype.from_numpy_dtype(header.dtype),
-                shape=header.shape,
-                chunks=tuple((s,) for s in header.shape),
-            )
-            self._header_md = header.summary()
-        super().__init__(structure, metadata=metadata, specs=specs)
-
     sniff = staticmethod(_sniff)
 
     @classmethod
-    def from_uris(cls, data_uri: str, **kwargs: Any) -> "CBFAdapter":
-        return cls(data_uri, **kwargs)
-
-    @classmethod
-    def from_catalog(cls, data_source, node, /, **kwargs: Any) -> "CBFAdapter":
-        return init_adapter_from_catalog(cls, data_source, node, **kwargs)
-
-    def metadata(self) -> dict:
-        return {**self._header_md, **self._metadata}
+    def inspect_file(cls, path: Path) -> tuple[ArrayStructure, dict]:
+        header = read_header(path)
+        structure = ArrayStructure(
+            data_type=BuiltinDtype.from_numpy_dtype(header.dtype),
+            shape=header.shape,
+            chunks=tuple((s,) for s in header.shape),
+        )
+        return structure, header.summary()
 
     def read(self, slice: Any = ...) -> np.ndarray:
         key = expand(slice, self._structure.shape)  # refuse a bad slice before decoding

@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tiled.adapters.core import Adapter
-from tiled.adapters.utils import init_adapter_from_catalog
 from tiled.structures.array import ArrayStructure, BuiltinDtype
-from tiled.structures.core import StructureFamily
-from tiled.utils import path_from_uri
 
 from ..errors import IncompleteFile, UnreadableFile
 from .minicbf import CBFHeader, parse_text_header
-from .roots import confine
+from .single import SingleFileAdapter
 from .sequence import FrameInfo, HarvestingSequence, expand
 
 _MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -147,57 +143,29 @@ def _read_pages(path: Path, key: Any = None) -> np.ndarray:
     return _tiffs.read(path, key)
 
 
-class TIFFAdapter(Adapter[ArrayStructure]):
+class TIFFAdapter(SingleFileAdapter):
     """A TIFF file: (ny, nx) for one page, (page, ny, nx) for a multi-page stack,
     one page per chunk."""
 
-    structure_family = StructureFamily.array
     mimetype = "image/tiff"
     extensions = (".tif", ".tiff")
-    readable_roots = None
     sniff = staticmethod(_sniff)
 
-    def __init__(
-        self,
-        data_uri: str,
-        structure: ArrayStructure | None = None,
-        *,
-        metadata: dict | None = None,
-        specs: list | None = None,
-    ) -> None:
-        path = Path(path_from_uri(data_uri))
-        if self.readable_roots is not None:
-            path = confine(path, self.readable_roots, what="file")
-        self._path = path
-        self._header_md: dict = {}
-        if structure is None:
-            tif = _open(path)
-            try:
-                page = tif.pages[0]
-                n = len(tif.pages)
-                shape = tuple(page.shape) if n == 1 else (n, *page.shape)
-                chunks = tuple((s,) for s in shape) if n == 1 else ((1,) * n, *[(s,) for s in page.shape])
-                structure = ArrayStructure(
-                    data_type=BuiltinDtype.from_numpy_dtype(page.dtype),
-                    shape=shape,
-                    chunks=chunks,
-                )
-                header = _header(tif)
-                self._header_md = header.summary() if header else {}
-            finally:
-                tif.close()
-        super().__init__(structure, metadata=metadata, specs=specs)
-
     @classmethod
-    def from_uris(cls, data_uri: str, **kwargs: Any) -> "TIFFAdapter":
-        return cls(data_uri, **kwargs)
-
-    @classmethod
-    def from_catalog(cls, data_source, node, /, **kwargs: Any) -> "TIFFAdapter":
-        return init_adapter_from_catalog(cls, data_source, node, **kwargs)
-
-    def metadata(self) -> dict:
-        return {**self._header_md, **self._metadata}
+    def inspect_file(cls, path: Path) -> tuple[ArrayStructure, dict]:
+        tif = _open(path)
+        try:
+            page = tif.pages[0]
+            n = len(tif.pages)
+            shape = tuple(page.shape) if n == 1 else (n, *page.shape)
+            chunks = tuple((s,) for s in shape) if n == 1 else ((1,) * n, *[(s,) for s in page.shape])
+            structure = ArrayStructure(
+                data_type=BuiltinDtype.from_numpy_dtype(page.dtype), shape=shape, chunks=chunks,
+            )
+            header = _header(tif)
+            return structure, (header.summary() if header else {})
+        finally:
+            tif.close()
 
     @property
     def _multipage(self) -> bool:
