@@ -384,14 +384,20 @@ def _parameters(text: str) -> dict:
     return value
 
 
+def _jobs_api(url: str, api_key: Optional[str]) -> tuple[str, dict]:
+    """``<server>/api/v1/jobs`` for a server URL or any node URI on it, and auth headers."""
+    base = url.split("/api/", 1)[0].rstrip("/")
+    return f"{base}/api/v1/jobs", ({"Authorization": f"Apikey {api_key}"} if api_key else {})
+
+
 def _post_job(url: str, api_key: Optional[str], operation: str, inputs: list[str], parameters: dict,
               output: Optional[str]) -> dict:
     import httpx
 
-    base = url.split("/api/", 1)[0].rstrip("/")
-    r = httpx.post(f"{base}/api/v1/jobs", json={"operation": operation, "inputs": inputs,
-                                                 "parameters": parameters, "output": output},
-                   headers={"Authorization": f"Apikey {api_key}"} if api_key else {}, timeout=60)
+    jobs_url, headers = _jobs_api(url, api_key)
+    r = httpx.post(jobs_url, json={"operation": operation, "inputs": inputs,
+                                   "parameters": parameters, "output": output},
+                   headers=headers, timeout=60)
     if r.status_code != 200:
         raise RuntimeError(f"server refused the job ({r.status_code}): {r.json().get('detail', r.text)}")
     return r.json()
@@ -402,12 +408,11 @@ def _wait(url: str, api_key: Optional[str], job_id: str) -> dict:
 
     import httpx
 
-    base = url.split("/api/", 1)[0].rstrip("/")
-    headers = {"Authorization": f"Apikey {api_key}"} if api_key else {}
+    jobs_url, headers = _jobs_api(url, api_key)
     console = _console(stderr=True)
     with console.status(f"job {job_id} running"):
         while True:
-            record = httpx.get(f"{base}/api/v1/jobs/{job_id}", headers=headers, timeout=30).json()
+            record = httpx.get(f"{jobs_url}/{job_id}", headers=headers, timeout=30).json()
             if record.get("state") in ("done", "failed"):
                 return record
             time.sleep(0.5)
@@ -445,8 +450,8 @@ def jobs_status(url: str = typer.Argument(...), job_id: str = typer.Argument(...
 
     import httpx
 
-    base = url.split("/api/", 1)[0].rstrip("/")
-    r = httpx.get(f"{base}/api/v1/jobs/{job_id}", headers={"Authorization": f"Apikey {api_key}"} if api_key else {})
+    jobs_url, headers = _jobs_api(url, api_key)
+    r = httpx.get(f"{jobs_url}/{job_id}", headers=headers)
     if r.status_code != 200:
         raise RuntimeError(f"no such job ({r.status_code}): {r.json().get('detail', r.text)}")
     _console().print_json(json.dumps(r.json()))
@@ -458,8 +463,8 @@ def jobs_ls(url: str = typer.Argument(...), api_key: Optional[str] = API_KEY) ->
     import httpx
     from rich.table import Table
 
-    base = url.split("/api/", 1)[0].rstrip("/")
-    r = httpx.get(f"{base}/api/v1/jobs", headers={"Authorization": f"Apikey {api_key}"} if api_key else {})
+    jobs_url, headers = _jobs_api(url, api_key)
+    r = httpx.get(jobs_url, headers=headers)
     r.raise_for_status()
     table = Table(box=None, header_style="bold")
     for column in ("id", "operation", "state", "submitted", "product / error"):
