@@ -215,12 +215,16 @@ def submit(client: Any, operation: str, inputs: list[str], parameters: dict,
         raise JobError("a job needs at least one input node URI")
     for uri in inputs:
         node_path(uri)
+    from ..access import proposal_of
+
     job_id = uuid.uuid4().hex[:12]
     return _container(client, [JOBS]).create_container(
         key=job_id,
         metadata={"job": {
             "id": job_id, "operation": operation, "inputs": list(inputs), "parameters": parameters,
             "output": output, "state": "queued", "submitted": _now(), "software": _versions(),
+            # who may see the record under per-proposal keys (scatterbroker.access)
+            "proposal": proposal_of(node_path(inputs[0])),
         }},
         specs=["job"],
     )
