@@ -26,7 +26,8 @@ from ..adapters.roots import Roots, confine
 from ..errors import ScatterbrokerError
 from .checksum import ALGORITHM, checksums, file_checksum
 from .names import check_key
-from .sidecar import merge, sidecar_for
+from .sidecar import fingerprint as sidecar_fingerprint
+from .sidecar import is_sidecar_problem, merge, sidecar_for
 from .walk import Listing, Sequence, Single, walk
 
 #: Spec of a scan container holding ``frames`` (array) and ``headers`` (table).
@@ -57,16 +58,28 @@ class Report:
 
 
 def source_of(item: Sequence | Single) -> dict[str, Any]:
-    """What a node was built from; an unchanged source means nothing to redo."""
+    """What a node was built from; an unchanged source means nothing to redo.
+
+    A scan's source is its frames (path pattern, count, total bytes, newest
+    mtime) and, under ``"sidecars"``, the state of every sidecar that applies
+    to it (:func:`scatterbroker.catalog.sidecar.fingerprint`), so an edited
+    sidecar is harvested again. The key is left out when no sidecar applies.
+    Sidecars are fingerprinted *before* they are read: one edited in between
+    is harvested again on the next run, never missed.
+    """
     size, mtime = item.stats
     if isinstance(item, Single):
         return {"path": str(item.path), "files": 1, "bytes": size, "mtime_ns": mtime}
-    return {
+    source: dict[str, Any] = {
         "path": str(item.directory / f"{item.prefix}*{item.suffix}"),
         "files": len(item.numbers),
         "bytes": size,
         "mtime_ns": mtime,
     }
+    sidecars = sidecar_fingerprint(item.directory, item.key)
+    if sidecars:
+        source["sidecars"] = sidecars
+    return source
 
 
 def register(
@@ -154,6 +167,12 @@ def _register_listing(
                 if existing[key] == source:
                     report.unchanged += 1
                     continue
+                if isinstance(item, Sequence) and same_frames(existing[key], source):
+                    # Only a sidecar changed: harvest it again in place, frames untouched.
+                    for why in refresh_sidecars(node[key], item, source):
+                        report.failed.append((str(item.directory), why))
+                    report.updated.append(label)
+                    continue
                 node[key].delete(recursive=True, external_only=False)
                 changed = True
             else:
@@ -238,6 +257,44 @@ def register_sequence(node: Any, key: str, item: Sequence, source: dict) -> list
         scan.delete(recursive=True, external_only=False)  # no half scans in the catalog
         raise
     return harvest.rejected + [(item.directory, why) for why in problems]
+
+
+def same_frames(old: Any, new: dict[str, Any]) -> bool:
+    """Whether two scan sources describe the same frames (sidecars aside)."""
+    if not isinstance(old, dict):
+        return False  # no source: a scan whose registration stopped half-way
+    strip = lambda s: {k: v for k, v in s.items() if k != "sidecars"}  # noqa: E731
+    return strip(old) == strip(new)
+
+
+#: ``metadata["scan"]`` keys that describe the frames (kept when sidecars are re-read).
+_FRAME_KEYS = ("frames", "first_frame", "last_frame", "end_angle", "end_angle@units")
+
+
+def refresh_sidecars(scan: Any, item: Sequence, source: dict[str, Any]) -> list[str]:
+    """Harvest the sidecars of an existing scan node again; its frames are not touched.
+
+    The metadata becomes what :func:`register_sequence` would make today:
+    the first registered frame's header summary, the frame counts already in
+    the node, the sidecars merged on top, and ``source``. Problems from the
+    frames stay; problems from sidecars are replaced by today's. Returns the
+    sidecar problems found now.
+    """
+    cls = registry.adapters_by_mimetype()[item.mimetype]
+    old = dict(scan.metadata)
+    first = old.get("scan", {}).get("first_frame", item.numbers[0])
+    info = cls.inspect(item.directory / f"{item.prefix}{int(first):0{item.width}d}{item.suffix}")
+    metadata = dict(info.summary)
+    metadata["scan"] = {**metadata.get("scan", {}),
+                        **{k: v for k, v in old.get("scan", {}).items() if k in _FRAME_KEYS}}
+    extra, problems = sidecar_for(item.directory, item.key)
+    merge(metadata, extra)
+    kept = [p for p in old.get("problems", []) if not is_sidecar_problem(p, item.key)]
+    if kept or problems:
+        metadata["problems"] = kept + problems
+    metadata["source"] = source
+    scan.replace_metadata(metadata=metadata, drop_revision=True)
+    return problems
 
 
 def create_headers(scan: Any, columns: dict[str, list]) -> Any:
