@@ -5,12 +5,17 @@ in the catalog at ``/jobs/<id>`` (metadata only), so it survives a server
 restart; a running job refreshes a heartbeat, and one whose heartbeat has
 stopped (the process died) is reported -- and recorded -- as failed.
 
-Big inputs are split along the frame axis into tasks run by an executor: a
-local process pool by default, a ``dask.distributed`` cluster when
-``SCATTERBROKER_DASK_ADDRESS`` is set (e.g. one started with dask-jobqueue on
-SLURM/PBS). Each task reads its own frames from the server, so tasks can run
-anywhere the server is reachable; partial (v, n) grids are summed, so the
-result does not depend on the split.
+By default a job runs in the process that runs it (the server, for
+``POST /api/v1/jobs``): the transform streams the input's frames in blocks
+through the fast route (stored Bitshuffle-LZ4 chunks decoded in the client's
+threads, the next block read while the numba kernel, which uses every core and
+releases the GIL, bins the current one), so no worker process has to start.
+With ``SCATTERBROKER_DASK_ADDRESS`` set (e.g. a cluster started with
+dask-jobqueue on SLURM/PBS), or an explicit :class:`LocalExecutor` (a local
+process pool), big inputs are split along the frame axis into tasks; each task
+streams its own frames from the server, so tasks can run anywhere the server
+is reachable; partial (v, n) grids are summed, so the result does not depend
+on the split.
 
 The product is a container under ``/reduced/...`` holding NXdata-shaped
 arrays and provenance (inputs, parameters, software versions, times, job
@@ -69,6 +74,21 @@ class Product:
 # -- executors ----------------------------------------------------------
 
 
+class InProcessExecutor:
+    """Tasks in this process, one after the other (the default).
+
+    Operations that parallelise themselves run whole here instead of being
+    split: the transform kernel is numba-parallel over every core and releases
+    the GIL, so a pool of processes would only add their start-up (imports and
+    loading the compiled kernels, ~2 s each) and one grid per process.
+    """
+
+    in_process = True
+
+    def map(self, fn: Callable, items: Sequence) -> list:
+        return [fn(item) for item in items]
+
+
 class LocalExecutor:
     """Tasks on a pool of local processes (spawned: safe inside a threaded server)."""
 
@@ -99,9 +119,9 @@ class DaskExecutor:
 
 
 def default_executor():
-    """Dask if ``SCATTERBROKER_DASK_ADDRESS`` is set, else local processes."""
+    """Dask if ``SCATTERBROKER_DASK_ADDRESS`` is set, else this process."""
     address = os.environ.get("SCATTERBROKER_DASK_ADDRESS")
-    return DaskExecutor(address) if address else LocalExecutor()
+    return DaskExecutor(address) if address else InProcessExecutor()
 
 
 # -- inputs -------------------------------------------------------------
@@ -139,35 +159,91 @@ def frame_stack(node: Any, uri: str) -> Any:
 # -- operations ---------------------------------------------------------
 
 
+class _FrameRange:
+    """Frames ``start:stop`` of a frame-stack client, read only when sliced (the
+    transform reads one block at a time, the next while it bins the current)."""
+
+    def __init__(self, node: Any, start: int, stop: int) -> None:
+        self.node, self.start = node, start
+        self.shape, self.dtype = (stop - start, *node.shape[1:]), node.dtype
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        a, b, _ = key.indices(self.shape[0])
+        return self.node[self.start + a : self.start + b]
+
+
 def _transform_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """One block of frames -> partial (v, n). Module level: runs in worker processes."""
+    """One range of frames -> partial (v, n). Module level: runs in worker processes."""
     uri, api_key, start, stop, params, mask = task
     from tiled.client import from_uri
 
     from .transform import partial
 
     node = from_uri(uri, api_key=api_key)
-    return tuple(partial(node[start:stop], start, params, mask=mask))
+    return tuple(partial(_FrameRange(node, start, stop), start, params, mask=mask))
+
+
+#: the NXsample fields UB.from_nexus reads
+_UB_FIELDS = {"ub_matrix", "orientation_matrix", "unit_cell", "unit_cell_abc", "unit_cell_alphabetagamma"}
+
+
+def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
+    """The UB of the NeXus entry holding ``node``, and the URI of its NXsample.
+
+    Walks up from ``node`` to the first ``NXentry`` and reads its ``NXsample``
+    child with :meth:`UB.from_nexus` (``ub_matrix``, else ``orientation_matrix``,
+    as U times B of ``unit_cell`` when it is a rotation and a cell is given).
+    """
+    from .geometry import UB, GeometryError
+
+    def specs(n: Any) -> set[str]:
+        return {s.name for s in getattr(n, "specs", ())}
+
+    entry = node
+    while entry.path_parts and "NXentry" not in specs(entry):
+        entry = entry.parent
+    if "NXentry" in specs(entry):
+        for _, child in entry.items():
+            if "NXsample" in specs(child):
+                present = set(child) & _UB_FIELDS  # one listing, then only the fields there are
+                try:
+                    return UB.from_nexus({k: child[k].read() for k in present}), child.uri
+                except GeometryError as err:
+                    raise JobError(f"UB from {child.uri}: {err}") from None
+    raise JobError(f"input {uri}: the parameters give no 'ub' and the input is not inside a NeXus "
+                   "entry with an NXsample (ub_matrix or orientation_matrix)")
 
 
 def op_transform(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
-    """Reciprocal-space transform (DESIGN.md §5) of one frame stack."""
+    """Reciprocal-space transform (DESIGN.md §5) of one frame stack.
+
+    The UB comes from ``params["ub"]`` or, if absent, from the NXsample of the
+    NeXus entry the input belongs to (:func:`scan_ub`).
+    """
     from .geometry import TransformParams
-    from .transform import finish, merge
+    from .transform import finish, merge, transform
 
     (node,), (uri,) = inputs, uris
     frames = frame_stack(node, uri)
-    tparams = TransformParams.from_dict({k: params[k] for k in ("geometry", "ub", "grid") if k in params})
+    given = {k: params[k] for k in ("geometry", "ub", "grid") if k in params}
+    ub_source = "parameters"
+    if "ub" not in given:
+        given["ub"], ub_source = scan_ub(frames, uri)
+    tparams = TransformParams.from_dict(given)
     mask = np.asarray(params["mask"], dtype=bool) if params.get("mask") is not None else None
-    n = frames.shape[0]
-    step = int(params.get("frames_per_task") or max(1, -(-n // 8)))
-    frames_uri = global_uri(frames)
-    tasks = [(frames_uri, api_key, a, min(a + step, n), tparams.to_dict(), mask) for a in range(0, n, step)]
-    result = finish(merge(executor.map(_transform_task, tasks)), tparams)
+    if getattr(executor, "in_process", False):
+        result = transform(frames, tparams.geometry, tparams.ub, tparams.grid, mask=mask)
+    else:
+        n = frames.shape[0]
+        step = int(params.get("frames_per_task") or max(1, -(-n // 8)))
+        frames_uri = global_uri(frames)
+        tasks = [(frames_uri, api_key, a, min(a + step, n), tparams.to_dict(), mask) for a in range(0, n, step)]
+        result = finish(merge(executor.map(_transform_task, tasks)), tparams)
     return Product(
         arrays={"data": result.data, "weights": result.n, "H": result.H, "K": result.K, "L": result.L},
         metadata={"signal": "data", "axes": ["L", "K", "H"], "H@units": "rlu", "K@units": "rlu",
-                  "L@units": "rlu", "weights": "pixels summed per voxel (v/n = data)"},
+                  "L@units": "rlu", "weights": "pixels summed per voxel (v/n = data)",
+                  "ub": tparams.ub.to_dict()["matrix"], "ub_source": ub_source},
     )
 
 

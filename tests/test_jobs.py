@@ -107,6 +107,50 @@ def test_transform_job_over_http_opens_from_another_process(scan):
     assert weights.sum() > 0
 
 
+def test_transform_job_takes_the_ub_from_the_scans_nexus_sample(tmp_path):
+    """No 'ub' in the parameters: the job reads it from the NXsample of the input's NeXus entry
+    (orientation_matrix = U, times B of unit_cell), over HTTP, and records where it came from."""
+    from tiled.client import from_uri
+
+    from scatterbroker.catalog.register import register
+    from scatterbroker.reduction import jobs
+    from scatterbroker.reduction.geometry import TransformParams, UB, rotation_matrix
+    from scatterbroker.reduction.stack import write_scan
+    from scatterbroker.reduction.transform import transform
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    frames = make_frames(6)
+    u = rotation_matrix([1.0, 0.3, 0.2], 17.0)
+    cell = [4.0, 4.5, 5.0, 90.0, 95.0, 90.0]
+    write_scan(scans / "s2.nxs", frames, angles=0.1 * np.arange(6),
+               metadata={"sample": {"name": "x", "orientation_matrix": u, "unit_cell": np.array(cell)}})
+    params = transform_parameters()
+    del params["ub"]
+    with start_server(tmp_path / "db", [scans]) as url:
+        client = from_uri(url, api_key=API_KEY)
+        register(client, scans, prefix="scans")
+        data_uri = client["scans/s2/entry/instrument/detector/data"].uri
+        job = jobs.submit(client, "transform", [data_uri], params, output="reduced/s2/transform")
+        product = from_uri(jobs.run(client, job, API_KEY), api_key=API_KEY)
+        assert product.metadata["ub_source"] == client["scans/s2/entry/sample"].uri
+        direct = transform(frames, TransformParams.from_dict(transform_parameters()).geometry,
+                           UB.from_lattice(*cell, U=u), params["grid"])
+        np.testing.assert_array_equal(product["weights"].read(), direct.n)
+        np.testing.assert_allclose(product["data"].read(), direct.data, rtol=1e-12, equal_nan=True)
+        assert direct.n.sum() > 0
+        np.testing.assert_allclose(product.metadata["ub"], UB.from_lattice(*cell, U=u).array, rtol=1e-12)
+
+        # a file without an NXsample: the job fails, saying what is missing
+        write_scan(scans / "bare.nxs", frames)
+        register(client, scans, prefix="scans")
+        bare = client["scans/bare/entry/instrument/detector/data"].uri
+        job = jobs.submit(client, "transform", [bare], params)
+        with pytest.raises(jobs.JobError):
+            jobs.run(client, job, API_KEY)
+        assert "no 'ub'" in jobs.status(client["jobs"][job.item["id"]])["error"]
+
+
 def test_bad_jobs_fail_clearly_and_leave_no_product(scan):
     from scatterbroker.reduction import jobs
 
