@@ -70,7 +70,20 @@ def serve(
         api_key = os.environ["SCATTERBROKER_API_KEY"]
         from tiled.config import parse_configs
 
+        from .server import check_environment
+
+        try:
+            check_environment(config)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
         parsed = parse_configs(config)
+        if parsed.authentication.providers:
+            # multi-user (facility.yml): keys live in the authentication database
+            if directories:
+                raise typer.BadParameter(
+                    f"{config} issues its own keys: start it without directories, then "
+                    "`scatterbroker keys issue` a write key and `scatterbroker register` with it")
+            api_key = None
         if parsed.authentication.allow_anonymous_access and host not in LOOPBACK:
             raise typer.BadParameter(
                 f"{config} allows anonymous reads, so it may only bind to loopback, not {host}"
@@ -87,7 +100,7 @@ def serve(
     _run(web_app, host, port, api_key, directories, public=demo)
 
 
-def _run(web_app, host: str, port: int, api_key: str, directories: list[Path], public: bool) -> None:
+def _run(web_app, host: str, port: int, api_key: Optional[str], directories: list[Path], public: bool) -> None:
     import asyncio
 
     import anyio
@@ -106,9 +119,13 @@ def _run(web_app, host: str, port: int, api_key: str, directories: list[Path], p
         bound_host, bound_port = server.servers[0].sockets[0].getsockname()[:2]
         url = f"http://{bound_host}:{bound_port}"
         console.print(f"[bold]scatterbroker[/] serving {url}")
-        console.print(f"  API key: {api_key}" + ("  (needed to write; reading is open on loopback)" if public else ""))
-        console.print(f"  Python:  from tiled.client import from_uri; c = from_uri('{url}', api_key='{api_key}')")
-        console.print(f"  Browser: {url}/ui/?api_key={api_key}")
+        if api_key is None:
+            console.print(f"  Keys:    ADMIN=$(scatterbroker keys admin {url}); "
+                          f"scatterbroker keys issue {url} --proposal P --access read --api-key $ADMIN")
+        else:
+            console.print(f"  API key: {api_key}" + ("  (needed to write; reading is open on loopback)" if public else ""))
+            console.print(f"  Python:  from tiled.client import from_uri; c = from_uri('{url}', api_key='{api_key}')")
+            console.print(f"  Browser: {url}/ui/?api_key={api_key}")
         for d in directories:
             await anyio.to_thread.run_sync(_register_with_progress, url, api_key, d, d.name)
         console.print("Ready. Ctrl-C to stop.")
@@ -363,6 +380,73 @@ def verify(
     console.print(f"{checked} files checked, {len(bad)} do not match their recorded checksum")
     if bad:
         raise typer.Exit(2)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys on a facility server: admin, per-proposal read/write, revoke.")
+app.add_typer(keys_app, name="keys")
+
+
+def _seconds(text: Optional[str]) -> Optional[int]:
+    """'90d', '12h', '30m', '45s' or plain seconds; None never expires."""
+    if not text:
+        return None
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    try:
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90d, 12h, 30m or 3600") from None
+
+
+@keys_app.command("admin")
+def keys_admin(
+    url: str = typer.Argument(..., help="Server URL."),
+    user: str = typer.Option("admin", help="Admin user name (a tiled_admins identity)."),
+    provider: str = typer.Option("local", help="Password provider named in the server config."),
+    expires: Optional[str] = typer.Option(None, help="Lifetime, e.g. 30d (default: never)."),
+) -> None:
+    """Log in as admin (password from $SCATTERBROKER_ADMIN_PASSWORD, else asked) and print an admin key."""
+    from .keys import admin_key
+
+    password = os.environ.get("SCATTERBROKER_ADMIN_PASSWORD") or typer.prompt(f"{user} password", hide_input=True)
+    print(admin_key(url, password, username=user, provider=provider, expires_in=_seconds(expires)))
+
+
+@keys_app.command("issue")
+def keys_issue(
+    url: str = typer.Argument(..., help="Server URL."),
+    access: str = typer.Option(..., "--access", help="read, write (register, upload, jobs) or admin."),
+    proposal: list[str] = typer.Option([], "--proposal", help="Proposal the key may see (repeat for several)."),
+    expires: Optional[str] = typer.Option(None, help="Lifetime, e.g. 90d (default: never)."),
+    note: Optional[str] = typer.Option(None, help="Label stored with the key."),
+    api_key: Optional[str] = API_KEY,
+) -> None:
+    """Issue a key (with an admin key); prints the secret, and on stderr how to revoke it."""
+    from .keys import issue_key
+
+    if not api_key:
+        raise typer.BadParameter("issuing keys needs an admin key (--api-key or $SCATTERBROKER_API_KEY)")
+    try:
+        key = issue_key(url, api_key, access, proposal, expires_in=_seconds(expires), note=note)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    print(key.secret)
+    _console(stderr=True).print(
+        f"{access} key {key.first_eight}… for {', '.join(key.proposals) or 'all proposals'}; "
+        f"revoke: scatterbroker keys revoke {url} {key.principal} {key.first_eight}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    url: str = typer.Argument(..., help="Server URL."),
+    principal: str = typer.Argument(..., help="Service principal UUID printed by `keys issue`."),
+    first_eight: str = typer.Argument(..., help="First eight characters of the key."),
+    api_key: Optional[str] = API_KEY,
+) -> None:
+    """Revoke a key issued by `keys issue` (with an admin key)."""
+    from .keys import revoke_key
+
+    revoke_key(url, api_key or "", principal, first_eight)
+    _console(stderr=True).print(f"revoked {first_eight[:8]}")
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Reduction jobs run by the server: submit, status, ls.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,7 @@ def build_app(config: Any):
     if isinstance(config, (dict, Config)):
         app = build_app_from_config(config)
     else:
+        check_environment(config)
         app = build_app_from_config(parse_configs(config))
     # Requests to the fast data route skip Tiled's middleware stack (see
     # scatterbroker.fastpath.FastLane); everything else is Tiled's app.
@@ -150,6 +152,21 @@ def build_app(config: Any):
 
     app.add_middleware(FastLane)
     return app
+
+
+def check_environment(config: str | os.PathLike) -> None:
+    """Refuse a YAML config (file or directory) naming ``${VARIABLES}`` that are unset.
+
+    Tiled expands them with ``os.path.expandvars``, which leaves an unset one as
+    literal text: a missing ``${SCATTERBROKER_ADMIN_PASSWORD}`` would otherwise
+    become the admin's password.
+    """
+    path = Path(config)
+    files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+    missing = sorted({name for f in files for name in re.findall(r"\$\{(\w+)\}", f.read_text())
+                      if name not in os.environ})
+    if missing:
+        raise ValueError(f"{config} needs environment variables that are not set: {', '.join(missing)}")
 
 
 def app_factory():

@@ -1,5 +1,5 @@
-"""PostgreSQL catalogs: the same tree gives the same catalog as on SQLite, and the
-facility profile (server_config/facility.yml) runs on PostgreSQL.
+"""PostgreSQL catalogs: the same tree gives the same catalog as on SQLite (the
+facility profile on PostgreSQL, with its key database, is in test_keys.py).
 
 This is what docs/postgresql.md promises for moving a catalog: registering the
 raw directories again into a PostgreSQL catalog gives identical node paths,
@@ -11,11 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from conftest import API_KEY, SQLITE, Backend, make_frames, start_server, write_cbf, write_tree
-
-CONFIGS = Path(__file__).resolve().parent.parent / "server_config"
+from conftest import API_KEY, SQLITE, Backend, start_server, write_tree
 
 
 def catalog_dump(url: str) -> dict:
@@ -90,44 +87,6 @@ def test_same_tree_gives_the_same_catalog_on_sqlite_and_postgresql(tmp_path, pos
     for d in ("raw", "scans", "wrappers"):
         a, b = reports["sqlite"][d], reports["postgresql"][d]
         assert (sorted(a.created), sorted(a.failed)) == (sorted(b.created), sorted(b.failed))
-
-
-def test_facility_yml_on_postgresql(tmp_path, monkeypatch, postgres):
-    """The shipped facility profile, as written: PostgreSQL catalog and tables."""
-    from tiled.client import from_uri
-
-    from scatterbroker.catalog.register import register
-    from scatterbroker.server import build_app, serve_in_thread
-
-    raw, products = tmp_path / "raw", tmp_path / "products"
-    raw.mkdir()
-    products.mkdir()
-    frames = make_frames(3)
-    for i, frame in enumerate(frames, start=1):
-        write_cbf(raw / f"scan_{i:05d}.cbf", frame, i)
-    catalog_db, tables_db = postgres.create_database("facility"), postgres.create_database("tables")
-    monkeypatch.setenv("SCATTERBROKER_CATALOG_URI", postgres.uri(catalog_db))
-    monkeypatch.setenv("SCATTERBROKER_TABLES_URI", postgres.uri(tables_db, driver="postgresql"))
-    monkeypatch.setenv("SCATTERBROKER_RAW_ROOT", str(raw))
-    monkeypatch.setenv("SCATTERBROKER_PRODUCTS_ROOT", str(products))
-    monkeypatch.setenv("SCATTERBROKER_API_KEY", API_KEY)
-    with serve_in_thread(build_app(CONFIGS / "facility.yml")) as url:
-        assert httpx.get(f"{url}/api/v1/metadata/").status_code == 401
-        client = from_uri(url, api_key=API_KEY)
-        report = register(client, raw, prefix="raw")
-        assert report.created == ["raw/scan"], report.failed
-        r = httpx.get(f"{url}/api/v1/array/full/raw/scan/frames", params={"slice": "1"},
-                      headers={"Authorization": f"Apikey {API_KEY}",
-                               "Accept": "application/octet-stream"})
-        assert r.status_code == 200
-        assert np.array_equal(np.frombuffer(r.content, "<i4").reshape(frames[1].shape), frames[1])
-        assert list(client["raw/scan/headers"].read()["frame"]) == [1, 2, 3]
-    # The catalog and the per-frame header table really live in PostgreSQL.
-    keys = postgres.psql(catalog_db, "SELECT key FROM nodes ORDER BY key").split()
-    assert {"raw", "scan", "frames", "headers"} <= set(keys)
-    tables = postgres.psql(tables_db, "SELECT count(*) FROM information_schema.tables "
-                                      "WHERE table_schema = 'public'")
-    assert int(tables) >= 1
 
 
 def test_postgres_fixture_gives_each_server_its_own_databases(postgres):

@@ -31,17 +31,4 @@ def test_demo_yml_serves_anonymous_reads_and_keyed_writes(tmp_path, monkeypatch)
         assert httpx.post(f"{url}/api/v1/metadata/", json={}).status_code in (401, 403)
 
 
-def test_facility_yml_requires_a_key(tmp_path, monkeypatch):
-    from scatterbroker.server import build_app, serve_in_thread
-
-    (tmp_path / "raw").mkdir()
-    (tmp_path / "products").mkdir()
-    monkeypatch.setenv("SCATTERBROKER_CATALOG_URI", f"sqlite:///{tmp_path}/catalog.db")
-    monkeypatch.setenv("SCATTERBROKER_TABLES_URI", f"duckdb:///{tmp_path}/tables.duckdb")
-    monkeypatch.setenv("SCATTERBROKER_RAW_ROOT", str(tmp_path / "raw"))
-    monkeypatch.setenv("SCATTERBROKER_PRODUCTS_ROOT", str(tmp_path / "products"))
-    monkeypatch.setenv("SCATTERBROKER_API_KEY", API_KEY)
-    with serve_in_thread(build_app(CONFIGS / "facility.yml")) as url:
-        assert httpx.get(f"{url}/api/v1/metadata/").status_code == 401
-        ok = httpx.get(f"{url}/api/v1/metadata/", headers={"Authorization": f"Apikey {API_KEY}"})
-        assert ok.status_code == 200
+# facility.yml (multi-user, per-proposal keys) runs in its own process: tests/test_keys.py
