@@ -203,7 +203,7 @@ def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
     while entry.path_parts and "NXentry" not in specs(entry):
         entry = entry.parent
     if "NXentry" in specs(entry):
-        for _, child in entry.items():
+        for child in entry.values():
             if "NXsample" in specs(child):
                 present = set(child) & _UB_FIELDS  # one listing, then only the fields there are
                 try:
