@@ -14,8 +14,10 @@ belongs to, see :mod:`scatterbroker.keys` — is *restricted*: it sees
 - ``/jobs`` and the job records of its proposals;
 
 every other node does not exist for it (404), in listings, in deep search and
-on every data route. A key without access tags (facility staff, the admin) is
-not restricted; its scopes alone decide. What a key may *do* on a node it sees
+on every data route. Only an admin (a key or login holding ``admin:apikeys``)
+and the single-user key are unrestricted. Anyone else without access tags -- a
+user logged in through PAM/OIDC, a key issued without proposals -- sees the
+proposals the policy's ``members`` mapping gives their identity, or none. What a key may *do* on a node it sees
 is its scopes: ``read:metadata``/``read:data`` (read key), plus
 ``write:*``/``create:node``/``register`` (write key), ``admin:apikeys`` (admin).
 
@@ -115,16 +117,29 @@ class ProposalAccessPolicy(AccessPolicy):
           args: {}
     """
 
-    def __init__(self, trees: Iterable[str] = PROPOSAL_TREES, jobs: str = JOBS_TREE) -> None:
+    def __init__(self, trees: Iterable[str] = PROPOSAL_TREES, jobs: str = JOBS_TREE,
+                 members: Optional[dict[str, list[str]]] = None) -> None:
+        """``members``: identity id (e.g. a PAM user name) -> proposals, for people who
+        log in rather than use an issued key."""
         self.trees = tuple(trees)
         self.jobs = jobs
+        self.members = {who: tuple(proposals) for who, proposals in (members or {}).items()}
+
+    def proposals(self, principal: Any, authn_access_tags: Any, authn_scopes: Any) -> Optional[tuple[str, ...]]:
+        """The proposals a caller may see, or None for no restriction."""
+        if authn_access_tags is not None:
+            return tuple(sorted(authn_access_tags))
+        if principal is None or "admin:apikeys" in authn_scopes:  # single-user key, admin
+            return None
+        ids = [identity.id for identity in getattr(principal, "identities", None) or ()]
+        return tuple(sorted({p for who in ids for p in self.members.get(who, ())}))
 
     async def init_node(self, principal, authn_access_tags, authn_scopes, access_tags=None):
         # Nodes carry no tags: where a node lies decides who sees it.
         return False, normalize_access_tags(access_tags or ())
 
     async def allowed_scopes(self, node, principal, authn_access_tags, authn_scopes):
-        if authn_access_tags is None:  # unrestricted key (staff, admin, single-user)
+        if self.proposals(principal, authn_access_tags, authn_scopes) is None:
             return set(authn_scopes) & ALL_SCOPES
         row = _catalog_node(node)
         if row is not None and row.parent is None:  # the root
@@ -135,10 +150,11 @@ class ProposalAccessPolicy(AccessPolicy):
         return set(authn_scopes)
 
     async def filters(self, node, principal, authn_access_tags, authn_scopes, scopes):
-        if authn_access_tags is None:
+        proposals = self.proposals(principal, authn_access_tags, authn_scopes)
+        if proposals is None:
             return ALL_ACCESS
         row = _catalog_node(node)
         if row is None or row.data_sources:
             # inside a registered file: the file's own node was already checked
             return ALL_ACCESS
-        return [ProposalScope(tuple(sorted(authn_access_tags)), self.trees, self.jobs)]
+        return [ProposalScope(proposals, self.trees, self.jobs)]

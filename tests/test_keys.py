@@ -71,10 +71,10 @@ def _environment(tmp_path: Path, backend) -> tuple[dict, dict]:
     return env, databases
 
 
-def _serve(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def _serve(env: dict, log: Path, config: Path = CONFIG) -> tuple[subprocess.Popen, str]:
     """``scatterbroker serve --config facility.yml`` on a free loopback port; (process, URL)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([*CLI, "serve", "--config", str(CONFIG), "--port", "0"],
+        proc = subprocess.Popen([*CLI, "serve", "--config", str(config), "--port", "0"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -256,3 +256,38 @@ def test_facility_yml_refuses_to_start_without_its_secrets(tmp_path):
                           text=True, env=env, timeout=120)
     assert done.returncode != 0
     assert "SCATTERBROKER_ADMIN_PASSWORD" in done.stderr and "SCATTERBROKER_SECRET_KEY" in done.stderr
+
+
+def test_people_who_log_in_see_only_their_member_proposals(tmp_path, facility, keys):
+    """Not only keys: a login (PAM/OIDC in production; passwords here) is restricted too.
+
+    Same catalog as ``facility`` (a second server process on its databases),
+    with two more users: alice, a member of p1 by the policy's ``members``
+    mapping, and bob, a member of nothing. Neither is an admin.
+    """
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    config["authentication"]["providers"][0]["args"]["users_to_passwords"].update(alice="pw-a", bob="pw-b")
+    config["access_control"]["args"] = {"members": {"alice": ["p1"]}}
+    path = tmp_path / "members.yml"
+    path.write_text(yaml.safe_dump(config))
+    proc, url = _serve(dict(facility.env), tmp_path / "server.log", config=path)
+    try:
+        def token(user: str, password: str) -> dict:
+            r = httpx.post(f"{url}/api/v1/auth/provider/local/token", data={"username": user, "password": password})
+            assert r.status_code == 200, r.text
+            return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+        with httpx.Client(base_url=f"{url}/api/v1", headers=token("alice", "pw-a")) as alice:
+            assert [d["id"] for d in alice.get("search/raw").json()["data"]] == ["p1"]
+            assert alice.get("metadata/raw/p2").status_code == 404
+            assert alice.get("array/full/raw/p1/s1/scan1/frames?slice=0").status_code == 200
+        with httpx.Client(base_url=f"{url}/api/v1", headers=token("bob", "pw-b")) as bob:
+            assert bob.get("metadata/raw/p1").status_code == 404
+            listing = bob.get("search/raw")
+            assert listing.status_code == 404 or listing.json()["data"] == [], listing.text
+            assert bob.get("array/full/raw/p2/s1/scan1/frames?slice=0").status_code == 404
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
