@@ -70,7 +70,7 @@ def serve(
         api_key = os.environ["SCATTERBROKER_API_KEY"]
         from tiled.config import parse_configs
 
-        from .server import check_environment
+        from .environment import check_environment
 
         try:
             check_environment(config)
@@ -627,6 +627,9 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     try:
+        from .environment import load_secret_files
+
+        load_secret_files()  # SCATTERBROKER_API_KEY_FILE etc., before options read the environment
         app(standalone_mode=True)
     except SystemExit:
         raise

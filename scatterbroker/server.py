@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from .adapters import registry
 from .adapters.roots import normalize_roots
 from .catalog.guard import guard
+from .environment import check_environment
 
 #: Where ``scatterbroker serve`` keeps its catalog and written data by default.
 DEFAULT_DATA_DIR = Path(os.environ.get("SCATTERBROKER_DATA", "scatterbroker-data"))
@@ -152,21 +152,6 @@ def build_app(config: Any):
 
     app.add_middleware(FastLane)
     return app
-
-
-def check_environment(config: str | os.PathLike) -> None:
-    """Refuse a YAML config (file or directory) naming ``${VARIABLES}`` that are unset.
-
-    Tiled expands them with ``os.path.expandvars``, which leaves an unset one as
-    literal text: a missing ``${SCATTERBROKER_ADMIN_PASSWORD}`` would otherwise
-    become the admin's password.
-    """
-    path = Path(config)
-    files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
-    missing = sorted({name for f in files for name in re.findall(r"\$\{(\w+)\}", f.read_text())
-                      if name not in os.environ})
-    if missing:
-        raise ValueError(f"{config} needs environment variables that are not set: {', '.join(missing)}")
 
 
 def app_factory():

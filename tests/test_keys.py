@@ -55,8 +55,14 @@ class Facility:
 
 def _environment(tmp_path: Path, backend) -> tuple[dict, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCATTERBROKER_")}
+    # secrets as files (Docker/systemd style), read by the server and by the CLI
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "admin").write_text(ADMIN_PASSWORD + "\n")
+    (secrets / "session").write_text("s" * 64)
     env.update(SCATTERBROKER_RAW_ROOT=str(tmp_path / "raw"), SCATTERBROKER_PRODUCTS_ROOT=str(tmp_path / "products"),
-               SCATTERBROKER_ADMIN_PASSWORD=ADMIN_PASSWORD, SCATTERBROKER_SECRET_KEY="s" * 64)
+               SCATTERBROKER_ADMIN_PASSWORD_FILE=str(secrets / "admin"),
+               SCATTERBROKER_SECRET_KEY_FILE=str(secrets / "session"))
     databases = {}
     if backend.name == "sqlite":
         env.update(SCATTERBROKER_CATALOG_URI=f"sqlite:///{tmp_path}/catalog.db",
@@ -291,3 +297,18 @@ def test_people_who_log_in_see_only_their_member_proposals(tmp_path, facility, k
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_secret_files_fill_their_variables_and_bad_ones_are_named(tmp_path):
+    from scatterbroker.environment import load_secret_files
+
+    (tmp_path / "pw").write_text("hunter2\n")
+    (tmp_path / "empty").write_text("")
+    env = {"SCATTERBROKER_ADMIN_PASSWORD_FILE": str(tmp_path / "pw"), "SCATTERBROKER_API_KEY": "given",
+           "SCATTERBROKER_API_KEY_FILE": str(tmp_path / "pw"), "OTHER_FILE": str(tmp_path / "pw")}
+    assert load_secret_files(env) == ["SCATTERBROKER_ADMIN_PASSWORD"]
+    assert env["SCATTERBROKER_ADMIN_PASSWORD"] == "hunter2" and env["SCATTERBROKER_API_KEY"] == "given"
+    assert "OTHER" not in env
+    for name, why in (("empty", "is empty"), ("missing", "cannot read")):
+        with pytest.raises(ValueError, match=f"SCATTERBROKER_SECRET_KEY_FILE.*{why}"):
+            load_secret_files({"SCATTERBROKER_SECRET_KEY_FILE": str(tmp_path / name)})
