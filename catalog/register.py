@@ -236,8 +236,9 @@ def register_sequence(node: Any, key: str, item: Sequence, source: dict) -> list
     harvest = cls.harvest(item.directory, item.prefix, item.width, item.suffix, item.numbers)
     extra, problems = sidecar_for(item.directory, item.key)
     metadata = merge(dict(harvest.adapter.metadata()), extra)
-    if problems:
-        metadata["problems"] = problems
+    rejected = [*harvest.rejected, *item.rejected]
+    if rejected or problems:  # bad frames and sidecars, on the node as well as in the report
+        metadata["problems"] = [why for _, why in rejected] + problems
     # The source record goes on last: a scan that failed half-way has none, so
     # the next run rebuilds it instead of counting it unchanged.
     scan = node.create_container(key=key, metadata=metadata, specs=[SCAN_SPEC])
@@ -256,7 +257,7 @@ def register_sequence(node: Any, key: str, item: Sequence, source: dict) -> list
     except BaseException:
         scan.delete(recursive=True, external_only=False)  # no half scans in the catalog
         raise
-    return harvest.rejected + [(item.directory, why) for why in problems]
+    return rejected + [(item.directory, why) for why in problems]
 
 
 def same_frames(old: Any, new: dict[str, Any]) -> bool:

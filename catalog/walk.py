@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..adapters import registry
 from ..errors import UnknownFormat
@@ -34,6 +35,8 @@ class Sequence:
     numbers: tuple[int, ...]
     mimetype: str  # of the sequence adapter
     stats: tuple[int, int]  # (total bytes, newest mtime_ns)
+    #: numbered files of the same prefix and suffix left out of the scan: (path, why)
+    rejected: tuple[tuple[Path, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -119,24 +122,42 @@ def list_directory(directory: Path) -> Listing:
         else:
             listing.singles.append(Single(path, mimetype, (st.st_size, st.st_mtime_ns)))
     for (prefix, suffix, mimetype), found in numbered.items():
-        for width, members in _by_width(found).items():
-            if len(members) == 1:  # a lone numbered file is just a file
-                digits, st = members[0]
+        groups = _by_width(found)
+        width = max(groups, key=lambda w: (len(groups[w]), w))  # the scan: the largest group
+        members = groups[width]
+        if len(members) == 1:  # a lone numbered file is just a file (each of them)
+            for digits, st in found:
                 path = directory / f"{prefix}{digits}{suffix}"
                 listing.singles.append(Single(path, mimetype, (st.st_size, st.st_mtime_ns)))
-                continue
-            listing.sequences.append(
-                Sequence(
-                    directory,
-                    prefix,
-                    width,
-                    suffix,
-                    tuple(sorted(int(d) for d, _ in members)),
-                    registry.sequence_mimetype(mimetype),
-                    (sum(st.st_size for _, st in members), max(st.st_mtime_ns for _, st in members)),
-                )
+            continue
+        numbers = {int(d): d for d, _ in members}
+        rejected = [
+            (directory / f"{prefix}{d}{suffix}", misnumbered(f"{prefix}{d}{suffix}", int(d),
+                                                             numbers, prefix, width, suffix))
+            for w, others in groups.items() if w != width for d, _ in others
+        ]
+        listing.sequences.append(
+            Sequence(
+                directory,
+                prefix,
+                width,
+                suffix,
+                tuple(sorted(numbers)),
+                registry.sequence_mimetype(mimetype),
+                (sum(st.st_size for _, st in members), max(st.st_mtime_ns for _, st in members)),
+                tuple(sorted(rejected)),
             )
+        )
     return listing
+
+
+def misnumbered(name: str, number: int, numbers: Any, prefix: str, width: int, suffix: str) -> str:
+    """Why ``name`` is left out of a scan numbered ``{prefix}{n:0{width}d}{suffix}``
+    that already holds frame ``numbers``."""
+    own = f"{prefix}{number:0{width}d}{suffix}"
+    if number in numbers:
+        return f"{name}: duplicate frame number {number} ({own} is that frame); left out"
+    return f"{name}: frame number not written like the rest of the scan ({own}); left out"
 
 
 def _not_a_file(entry: os.DirEntry) -> str:

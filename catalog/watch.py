@@ -15,9 +15,12 @@ missing, so a restart neither duplicates nor misses a frame.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,8 +30,10 @@ from ..adapters.sequence import FrameInfo, Template, ranges_of, stack_structure
 from ..errors import IncompleteFile, ScatterbrokerError, UnknownFormat
 from .checksum import ALGORITHM, file_checksum
 from .names import check_key
-from .register import register_sequence, register_single, source_of
-from .walk import NUMBERED, Sequence, Single, walk
+from .register import refresh_sidecars, register_sequence, register_single, same_frames, source_of
+from .sidecar import applies_to, is_sidecar
+from .sidecar import fingerprint as sidecar_fingerprint
+from .walk import NUMBERED, Sequence, Single, misnumbered, walk
 
 
 @dataclass
@@ -70,11 +75,15 @@ class _Scan:
     frame_shape: tuple[int, ...]
     dtype: str
     columns: list[str]
-    bytes: int
-    mtime_ns: int
     parts: list[str] = field(default_factory=list)  # catalog path of the scan node
+    key: str = ""  # the scan node's key
+    mimetype: str = ""  # of the sequence adapter
+    sidecars: dict = field(default_factory=dict)  # fingerprint of the sidecars last harvested
     changed: float = field(default_factory=time.monotonic)
     stacked: int = 0  # frames in the last stacked file
+    #: frame number -> (size, mtime_ns) of every file named like the scan's frames
+    #: (good or left out), as last seen: the ``source`` record, and rewrites are noticed
+    files: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class Watcher:
@@ -99,6 +108,10 @@ class Watcher:
         wrapper ``<scan>_wrapper.nxs`` beside it, both registered under
         ``stack_prefix``; new frames later trigger a fresh stack. This
         directory must be a readable root of the server.
+    incomplete_after
+        Seconds a frame file may stay empty or shorter than its header says
+        without growing before it is reported as truncated and left out (it
+        joins its scan if it is completed later).
     """
 
     def __init__(
@@ -113,6 +126,7 @@ class Watcher:
         stack_to: str | Path | None = None,
         stack_after: float = 10.0,
         stack_prefix: str = "scans",
+        incomplete_after: float = 30.0,
     ) -> None:
         self.client = client
         self.directory = Path(directory).resolve()
@@ -123,7 +137,10 @@ class Watcher:
         self.on_problem = on_problem
         self._pending: dict[Path, _Pending] = {}
         self._lock = threading.Lock()
-        self._scans: dict[tuple, _Scan] = {}
+        self._scans: dict[tuple, _Scan] = {}  # (directory, prefix, suffix, mimetype) -> scan
+        #: problems of frames whose scan is not in the catalog yet, by (directory, prefix, suffix)
+        self._held: dict[tuple, list[str]] = defaultdict(list)
+        self.incomplete_after = incomplete_after
         self._observer = None
         #: set once events are being watched and the directory is reconciled
         self.ready = threading.Event()
@@ -214,6 +231,8 @@ class Watcher:
                 else:
                     for n in item.numbers:
                         self.notice(item.directory / f"{item.prefix}{n:0{item.width}d}{item.suffix}", closed=True)
+                    for path, _why in item.rejected:  # reported by _append, on the scan
+                        self.notice(path, closed=True)
             for path, why in listing.unknown:
                 self._problem(f"{why}")
 
@@ -221,6 +240,8 @@ class Watcher:
         """Take the files that are complete and append them; return how many."""
         now = time.monotonic()
         ready: list[Path] = []
+        stale: set[Path] = set()
+        seen: dict[Path, _Pending] = {}
         with self._lock:
             for path, p in list(self._pending.items()):
                 try:
@@ -232,11 +253,16 @@ class Watcher:
                     self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now)
                 elif p.closed or now - p.seen >= self.settle:
                     ready.append(path)
+                    seen[path] = p
+                    if now - p.seen >= self.incomplete_after:
+                        stale.add(path)
             self.stats.backlog = len(self._pending)
-        taken = self._take(ready)
+        taken = self._take(ready, stale)
         with self._lock:
             for path in taken:
-                self._pending.pop(path, None)
+                # Written again while it was being taken: keep the new event.
+                if self._pending.get(path) is seen.get(path):
+                    self._pending.pop(path, None)
             self.stats.backlog = len(self._pending)
         if self.stack_to is not None:
             self._stack_idle_scans()
@@ -287,18 +313,32 @@ class Watcher:
         except Exception as err:  # a failed stack is a problem to report, not a crash
             self._problem(f"stacking {key} failed: {err}", scan=scan)
 
-    def _take(self, paths: list[Path]) -> list[Path]:
-        """Group ready files by scan and append each group; return the paths done."""
+    def _take(self, paths: list[Path], stale: frozenset[Path] | set[Path] = frozenset()) -> list[Path]:
+        """Group ready files by scan and append each group; return the paths done.
+
+        ``stale``: files whose size has not changed for ``incomplete_after``
+        seconds; one of them still empty or shorter than its header says is
+        truncated, reported and left out instead of waited for.
+        """
         done: list[Path] = []
-        groups: dict[tuple, list[tuple[int, Path, FrameInfo]]] = defaultdict(list)
+        groups: dict[tuple, list[_Frame]] = defaultdict(list)
         for path in sorted(paths):
+            if is_sidecar(path):
+                self._sidecar_changed(path)
+                done.append(path)
+                continue
             m = NUMBERED.match(path.name)
             try:
                 mimetype = registry.mimetype_for(path)
-            except UnknownFormat as err:
-                if path.stat().st_size == 0:
+            except (UnknownFormat, OSError) as err:
+                try:
+                    empty = path.stat().st_size == 0
+                except OSError:  # gone again
+                    done.append(path)
+                    continue
+                if empty and path not in stale:
                     continue  # an empty file just created: wait for its bytes
-                self._problem(str(err))
+                self._frame_problem(f"{err}; left out", path, m)
                 done.append(path)
                 continue
             seq_mimetype = registry.sequence_mimetype(mimetype)
@@ -309,23 +349,25 @@ class Watcher:
             cls = registry.adapters_by_mimetype()[seq_mimetype]
             try:
                 info = cls.inspect(path)
-            except IncompleteFile:
+            except IncompleteFile as err:
+                if path in stale:  # not grown for incomplete_after seconds: truncated
+                    self._frame_problem(
+                        f"{err}; left out (unchanged for {self.incomplete_after:g} s; "
+                        "it joins the scan if it is completed later)", path, m)
+                    done.append(path)
                 continue  # still being written: retry on the next step
             except (ScatterbrokerError, OSError) as err:
-                self._problem(str(err), scan=self._scan_for(path, m, seq_mimetype))
+                self._frame_problem(f"{err}; left out", path, m)
                 done.append(path)
                 continue
-            key = (path.parent, m["prefix"], m["suffix"], seq_mimetype, _width(m["digits"]))
-            padded = key[:4] + (len(m["digits"]),)
-            if key[4] == 0 and padded in self._scans:
-                key = padded  # 'scan_10000' continues 'scan_00001' ... 'scan_09999'
-            groups[key].append((int(m["digits"]), path, info))
-        for (parent, prefix, suffix, seq_mimetype, width), frames in groups.items():
+            family = (path.parent, m["prefix"], m["suffix"], seq_mimetype)
+            groups[family].append(_Frame(int(m["digits"]), m["digits"], path, info))
+        for family, frames in groups.items():
             try:
-                done += self._append(parent, prefix, suffix, seq_mimetype, width, frames)
+                done += self._append(family, frames)
             except ScatterbrokerError as err:
                 self._problem(str(err))
-                done += [p for _, p, _ in frames]
+                done += [f.path for f in frames]
         return done
 
     def _parts(self, path: Path) -> list[str]:
@@ -348,83 +390,205 @@ class Watcher:
         except ScatterbrokerError as err:
             self._problem(str(err))
 
-    def _scan_for(self, path: Path, m, seq_mimetype: str) -> _Scan | None:
-        return self._scans.get((path.parent, m["prefix"], m["suffix"], seq_mimetype, _width(m["digits"])))
+    def _frame_problem(self, message: str, path: Path, m: re.Match | None) -> None:
+        """Report a bad frame on its scan's node; held until the scan exists if need be."""
+        if m is None:
+            self._problem(message)
+            return
+        where = (path.parent, m["prefix"], m["suffix"])
+        scan = next((s for family, s in self._scans.items() if family[:3] == where), None)
+        if scan is None:
+            self._held[where].append(message)
+        self._problem(message, scan=scan)
 
-    def _load_scan(self, parent: Path, prefix: str, suffix: str, seq_mimetype: str, width: int,
-                   first: list[tuple[int, Path, FrameInfo]]) -> tuple[_Scan, list[Path]]:
-        """Find the scan in the catalog, or create it from its first frames."""
-        node_parent = self._container(self._parts(first[0][1]))
+    def _load_scan(self, family: tuple, frames: list[_Frame]) -> tuple[_Scan, list[Path]]:
+        """Find the scan in the catalog, or create it from its first frames.
+
+        A scan node left half-made (no ``source`` record, or no ``frames`` or
+        ``headers``: a watcher or ``register`` killed while creating it) is
+        rebuilt from the files. An existing scan is checked against the files
+        (:meth:`_check_scan`) before frames are appended to it.
+        """
+        parent, prefix, suffix, seq_mimetype = family
+        node_parent = self._container(self._parts(frames[0].path))
         key = check_key(prefix.rstrip("_-. ") or suffix.lstrip("."))
         created: list[Path] = []
+        first_stats: dict[int, tuple[int, int]] = {}
+        notes: list[str] = []
+        if key in node_parent and not _whole(node_parent[key]):
+            node_parent[key].delete(recursive=True, external_only=False)
+            notes.append(f"{key}: its registration had stopped half-way (a watcher or register "
+                         "killed while creating it); rebuilt from the files")
         if key not in node_parent:
-            item = Sequence(parent, prefix, width, suffix, tuple(n for n, _, _ in first), seq_mimetype,
-                            (sum(p.stat().st_size for _, p, _ in first), max(p.stat().st_mtime_ns for _, p, _ in first)))
+            widths = Counter(_width(f.digits) for f in frames)
+            width = max(widths, key=lambda w: (widths[w], w))
+            first = [f for f in frames if f.digits == f"{f.number:0{width}d}"]
+            first_stats = {f.number: _stats(f.path) for f in first}  # as harvested, not later
+            item = Sequence(parent, prefix, width, suffix, tuple(first_stats), seq_mimetype,
+                            (sum(s for s, _ in first_stats.values()),
+                             max(m for _, m in first_stats.values())))
             for _bad, why in register_sequence(node_parent, key, item, source_of(item)):
-                self._problem(why)
-            created = [p for _, p, _ in first]
+                self._problem(why)  # already in the new node's metadata["problems"]
+            created = [f.path for f in first]
             self.stats.frames += len(first)
             self.stats.bytes += item.stats[0]
         scan_node = node_parent[key]
-        frames = scan_node["frames"].include_data_sources()
-        (ds,) = frames.item["attributes"]["data_sources"]
+        frames_node = scan_node["frames"].include_data_sources()
+        (ds,) = frames_node.item["attributes"]["data_sources"]
         params = ds["parameters"]
         template = Template(parent, params["prefix"], int(params["width"]), params["suffix"],
                             tuple((int(a), int(b)) for a, b in params["ranges"]))
-        shape = tuple(ds["structure"]["shape"][1:])
         source = scan_node.metadata.get("source", {})
         headers = scan_node["headers"] if "headers" in scan_node else None
         scan = _Scan(
             node=scan_node,
-            frames_path="/".join(frames.path_parts),
+            frames_path="/".join(frames_node.path_parts),
             data_source=ds,
             template=template,
-            frame_shape=shape,
-            dtype=frames.dtype.str,
+            frame_shape=tuple(ds["structure"]["shape"][1:]),
+            dtype=frames_node.dtype.str,
             columns=list(headers.structure().columns) if headers is not None else [],
-            bytes=int(source.get("bytes", 0)),
-            mtime_ns=int(source.get("mtime_ns", 0)),
-            parts=[*self._parts(first[0][1]), key],
+            parts=[*self._parts(frames[0].path), key],
+            key=key,
+            mimetype=seq_mimetype,
+            sidecars=dict(source.get("sidecars", {})),
         )
-        self._scans[(parent, prefix, suffix, seq_mimetype, width)] = scan
+        if created:
+            scan.files = first_stats
+        self._scans[family] = scan
+        for message in notes:
+            self._problem(message, scan=scan)
+        for message in self._held.pop(family[:3], []):
+            self._problem(message, scan=scan, count=False)
+        if not created:
+            self._check_scan(scan)
         return scan, created
 
-    def _append(self, parent: Path, prefix: str, suffix: str, seq_mimetype: str, width: int,
-                frames: list[tuple[int, Path, FrameInfo]]) -> list[Path]:
+    def _check_scan(self, scan: _Scan) -> None:
+        """Make an existing scan node agree with its files before appending to it.
+
+        A watcher killed between extending ``frames`` and appending the
+        frames' ``headers`` rows (or updating the metadata) left rows or counts
+        missing: the rows are added (and reported), the counts rewritten.
+        Sidecars edited while no watcher ran are harvested again.
+        """
+        numbers = scan.template.numbers().tolist()
+        if "headers" in scan.node and scan.columns:
+            table = scan.node["headers"].read()
+            have = set(int(n) for n in table["frame"]) if "frame" in table.columns else set()
+            missing = [n for n in numbers if n not in have]
+            if missing:
+                self._append_rows(scan, [(n, scan.template.directory / scan.template.name(n)) for n in missing])
+                self._problem(
+                    f"headers: no row for frame{'s' * (len(missing) > 1)} {_few(missing)} (a watcher "
+                    "stopped between adding frames and their rows); rows added", scan=scan)
+        scan.files = self._files_on_disk(scan)
+        md = scan.node.metadata
+        if not same_frames(md.get("source"), self._source(scan)) \
+                or md.get("scan", {}).get("frames") != len(numbers):
+            self._write_counts(scan, numbers)
+        self._refresh_sidecars(scan)
+
+    def _files_on_disk(self, scan: _Scan) -> dict[int, tuple[int, int]]:
+        """Stats of the files ``walk`` would put in this scan (its name pattern, its format)."""
+        t = scan.template
+        out: dict[int, tuple[int, int]] = {}
+        for entry in os.scandir(t.directory):
+            m = NUMBERED.match(entry.name)
+            if not m or (m["prefix"], m["suffix"]) != (t.prefix, t.suffix) \
+                    or m["digits"] != f"{int(m['digits']):0{t.width}d}":
+                continue
+            with contextlib.suppress(OSError, ScatterbrokerError):
+                if registry.sequence_mimetype(registry.mimetype_for(entry.path)) == scan.mimetype:
+                    st = entry.stat()
+                    out[int(m["digits"])] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    def _sidecar_changed(self, path: Path) -> None:
+        """A sidecar file was written: harvest it again for the scans it applies to."""
+        for scan in list(self._scans.values()):
+            if scan.template.directory == path.parent and applies_to(path, scan.key):
+                self._refresh_sidecars(scan)
+
+    def _refresh_sidecars(self, scan: _Scan) -> None:
+        """Harvest the scan's sidecars again if they changed; frames are not touched."""
+        directory = scan.template.directory
+        now = sidecar_fingerprint(directory, scan.key)
+        if now == scan.sidecars:
+            return
+        item = Sequence(directory, scan.template.prefix, scan.template.width, scan.template.suffix,
+                        tuple(scan.template.numbers().tolist()), scan.mimetype, (0, 0))
+        scan.sidecars = now
+        try:
+            problems = refresh_sidecars(scan.node, item, self._source(scan))
+        except (ScatterbrokerError, OSError) as err:
+            self._problem(f"{scan.key}: sidecar metadata not refreshed ({err})", scan=scan)
+            return
+        for why in problems:
+            self._problem(why)  # already on the node
+
+    def _source(self, scan: _Scan) -> dict[str, Any]:
+        """The scan's ``metadata["source"]``, as :func:`source_of` makes it from the files."""
+        t = scan.template
+        stats = scan.files.values()
+        source: dict[str, Any] = {"path": str(t.directory / f"{t.prefix}*{t.suffix}"),
+                                  "files": len(scan.files), "bytes": sum(s for s, _ in stats),
+                                  "mtime_ns": max((m for _, m in stats), default=0)}
+        if scan.sidecars:
+            source["sidecars"] = scan.sidecars
+        return source
+
+    def _write_counts(self, scan: _Scan, numbers: list[int], end_angle: float | None = None) -> None:
+        block = {**scan.node.metadata.get("scan", {}), "frames": len(numbers)}
+        if numbers:
+            block.update(first_frame=numbers[0], last_frame=numbers[-1])
+        if end_angle is not None and len(numbers) > 1:
+            block.update({"end_angle": end_angle, "end_angle@units": "deg"})
+        scan.node.update_metadata(metadata={"scan": block, "source": self._source(scan)},
+                                  drop_revision=True)  # no revision per frame
+
+    def _append(self, family: tuple, frames: list[_Frame]) -> list[Path]:
         import numpy as np
 
-        key = (parent, prefix, suffix, seq_mimetype, width)
-        scan = self._scans.get(key)
+        parent, prefix, suffix, _ = family
+        scan = self._scans.get(family)
         done: list[Path] = []
         if scan is None:
-            scan, done = self._load_scan(parent, prefix, suffix, seq_mimetype, width, frames)
-            frames = [f for f in frames if f[1] not in done]
+            scan, done = self._load_scan(family, frames)
+            frames = [f for f in frames if f.path not in done]
         existing = set(scan.template.numbers().tolist())
-        new: list[tuple[int, Path, FrameInfo]] = []
+        width = scan.template.width
+        new: list[_Frame] = []
         problems: list[str] = []
-        for number, path, info in frames:
-            if number in existing or any(number == n for n, _, _ in new):
-                if number not in existing:
-                    problems.append(f"{path.name}: duplicate frame number {number}; kept the first")
-                done.append(path)  # already registered (a restart, or a repeated event)
+        for f in frames:
+            done.append(f.path)
+            if f.digits != f"{f.number:0{width}d}":  # another spelling of a frame number
+                taken = existing | {g.number for g in new}
+                problems.append(misnumbered(f.path.name, f.number, taken, prefix, width, suffix))
                 continue
-            if tuple(info.shape) != scan.frame_shape or np.dtype(info.dtype).str != scan.dtype:
+            now, before = _stats(f.path), scan.files.get(f.number)
+            scan.files[f.number] = now
+            if f.number in existing:  # a repeated event, a restart, or the frame written again
+                if before is not None and now != before:
+                    problems.append(
+                        f"{f.path.name}: frame {f.number} was written again after it was registered; "
+                        "the catalog keeps the first version's checksum (verify reports the change)")
+                continue
+            if tuple(f.info.shape) != scan.frame_shape or np.dtype(f.info.dtype).str != scan.dtype:
                 problems.append(
-                    f"{path.name}: frame {tuple(info.shape)} {np.dtype(info.dtype)} differs from "
+                    f"{f.path.name}: frame {tuple(f.info.shape)} {np.dtype(f.info.dtype)} differs from "
                     f"the scan's {scan.frame_shape} {np.dtype(scan.dtype)}; left out"
                 )
-                done.append(path)
                 continue
-            new.append((number, path, info))
+            new.append(f)
         for why in problems:
             self._problem(why, scan=scan)
         if not new:
             return done
         old_numbers = sorted(existing)
-        numbers = sorted(existing | {n for n, _, _ in new})
-        at_end = not old_numbers or min(n for n, _, _ in new) > old_numbers[-1]
-        template = Template(parent, scan.template.prefix, scan.template.width, scan.template.suffix,
-                            ranges_of(numbers))
+        numbers = sorted(existing | {f.number for f in new})
+        at_end = not old_numbers or min(f.number for f in new) > old_numbers[-1]
+        template = Template(parent, scan.template.prefix, width, scan.template.suffix, ranges_of(numbers))
         structure = stack_structure(len(numbers), scan.frame_shape, np.dtype(scan.dtype))
         ds = dict(scan.data_source)
         ds["structure"] = {**ds["structure"], "shape": list(structure.shape),
@@ -441,40 +605,71 @@ class Watcher:
                             json={"data_source": {**ds, "assets": []}}, params=params)
         response.raise_for_status()
         scan.data_source, scan.template = ds, template
-        # Per-frame header rows, with checksums.
-        rows = []
-        for number, path, info in new:
-            row = {"frame": number, "file": path.name, **info.row, ALGORITHM: file_checksum(path)}
-            rows.append({c: row.get(c) for c in scan.columns})
-        if rows and scan.columns:
-            import pyarrow as pa
-
-            table = scan.node["headers"]
-            schema = table.structure().arrow_schema_decoded
-            table.append_partition(0, pa.Table.from_pylist(rows, schema=schema))
-        size = sum(p.stat().st_size for _, p, _ in new)
-        scan.bytes += size
-        scan.mtime_ns = max([scan.mtime_ns, *(p.stat().st_mtime_ns for _, p, _ in new)])
-        md = {
-            "scan": {**scan.node.metadata.get("scan", {}), "frames": len(numbers),
-                     "first_frame": numbers[0], "last_frame": numbers[-1]},
-            "source": {"path": str(parent / f"{scan.template.prefix}*{scan.template.suffix}"),
-                       "files": len(numbers), "bytes": scan.bytes, "mtime_ns": scan.mtime_ns},
-        }
-        scan.node.update_metadata(metadata=md, drop_revision=True)  # no revision per frame
+        # A watcher killed here leaves frames without header rows: _check_scan adds them.
+        self._append_rows(scan, [(f.number, f.path) for f in new], {f.number: f.info for f in new})
+        size = sum(scan.files[f.number][0] for f in new)
+        last = new[-1].info.row.get("start_angle") if at_end else None
+        self._write_counts(scan, numbers, last if isinstance(last, (int, float)) else None)
         self.stats.frames += len(new)
         self.stats.bytes += size
         scan.changed = time.monotonic()
-        return done + [p for _, p, _ in new]
+        return done
 
-    def _problem(self, message: str, scan: _Scan | None = None) -> None:
-        self.stats.problems += 1
-        self.stats.last_problem = message
+    def _append_rows(self, scan: _Scan, frames: list[tuple[int, Path]],
+                     infos: dict[int, FrameInfo] | None = None) -> None:
+        """Append one ``headers`` row per frame (header values and checksum)."""
+        if not scan.columns or not frames:
+            return
+        import pyarrow as pa
+
+        cls = registry.adapters_by_mimetype()[scan.mimetype]
+        rows = []
+        for number, path in frames:
+            row: dict[str, Any] = {"frame": number, "file": path.name}
+            try:
+                info = (infos or {}).get(number) or cls.inspect(path)
+                row.update(info.row)
+                row[ALGORITHM] = file_checksum(path)
+            except (ScatterbrokerError, OSError):
+                pass  # the row says which frame; reading it will say what is wrong
+            rows.append({c: row.get(c) for c in scan.columns})
+        table = scan.node["headers"]
+        schema = table.structure().arrow_schema_decoded
+        table.append_partition(0, pa.Table.from_pylist(rows, schema=schema))
+
+    def _problem(self, message: str, scan: _Scan | None = None, count: bool = True) -> None:
+        """Count and announce a problem; with ``scan``, also record it in the scan
+        node's ``metadata["problems"]`` (the last 100, each message once)."""
+        if count:
+            self.stats.problems += 1
+            self.stats.last_problem = message
         if scan is not None:
-            problems = list(scan.node.metadata.get("problems", []))[-99:] + [message]
-            scan.node.update_metadata(metadata={"problems": problems}, drop_revision=True)
-        if self.on_problem:
+            problems = list(scan.node.metadata.get("problems", []))
+            if message not in problems:
+                problems = problems[-99:] + [message]
+                scan.node.update_metadata(metadata={"problems": problems}, drop_revision=True)
+        if self.on_problem and count:
             self.on_problem(message)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A complete frame file ready to join its scan."""
+
+    number: int
+    digits: str  # the number as written in the name
+    path: Path
+    info: FrameInfo
+
+
+def _whole(node: Any) -> bool:
+    """Whether a scan node was completely made (its ``source`` is written last)."""
+    return isinstance(node.metadata.get("source"), dict) and "frames" in node and "headers" in node
+
+
+def _few(numbers: list[int], n: int = 10) -> str:
+    text = ", ".join(map(str, numbers[:n]))
+    return text + (f" and {len(numbers) - n} more" if len(numbers) > n else "")
 
 
 def _stats(path: Path) -> tuple[int, int]:

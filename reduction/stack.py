@@ -912,13 +912,10 @@ def _stack(
         with open(tmp, "rb") as fh:  # make the data durable before it replaces anything
             os.fsync(fh.fileno())
         os.replace(tmp, out)
-    except OSError as err:
-        if err.errno == errno.ENOSPC or "No space left" in str(err):
-            kept = f"; the existing {out.name} is untouched" if existed else ""
-            raise DiskFull(
-                f"no space left on the device while writing {out.name} in {out.parent}: "
-                f"the partial file was removed{kept}"
-            ) from err
+    except (OSError, RuntimeError) as err:
+        full = _disk_full(err, out, existed)
+        if full is not None:
+            raise full from err
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -927,6 +924,35 @@ def _stack(
     report.bytes_out = out.stat().st_size
     report.seconds = time.perf_counter() - t0
     return report
+
+
+#: errno -> how a write that could not grow the file is described
+_FULL = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "the file size limit was reached (File too large)",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+
+
+def _disk_full(err: BaseException, out: Path, existed: bool) -> DiskFull | None:
+    """A :class:`DiskFull` for ``err`` if it says the file could not grow, else None.
+
+    HDF5 reports a failed write through h5py as an ``OSError`` or, when it
+    happens while the file is flushed on close, a ``RuntimeError`` whose text
+    holds ``errno = 28`` (ENOSPC), ``27`` (EFBIG: ``ulimit -f``) or ``122`` (EDQUOT).
+    """
+    code = getattr(err, "errno", None)
+    if code not in _FULL:
+        m = re.search(r"errno = (\d+)", str(err))
+        code = int(m.group(1)) if m else None
+    if code not in _FULL:
+        text = str(err)
+        code = next((c for c in _FULL if os.strerror(c) in text), None)
+    if code is None:
+        return None
+    kept = f"; the existing {out.name} is untouched" if existed else ""
+    return DiskFull(f"{_FULL[code]} while writing {out.name} in {out.parent}: "
+                    f"the partial file was removed{kept}")
 
 
 def _fill_angles(n: int, known: dict[int, float]) -> np.ndarray | None:
@@ -1012,6 +1038,11 @@ def write_scan(
                 data[axis].attrs["units"] = "deg"
             data.attrs["axes"] = [axis, ".", "."]
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        full = _disk_full(err, path, path.exists())
+        if full is not None:
+            raise full from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -1035,8 +1066,16 @@ def _write_tree(group, tree: Mapping[str, Any]) -> None:
     for key, value in tree.items():
         if "@" in key or key == "source":
             continue
+        units = tree.get(f"{key}@units")
+        # A harvested name may hold '/' (a SPEC column 'I/I0') or be '.': not an HDF5 link name.
+        key = str(key).replace("/", "_").strip() or "_"
+        if key in (".", ".."):
+            key = f"_{key}"
         if isinstance(value, Mapping):
-            sub = group.require_group(key)
+            try:
+                sub = group.require_group(key)
+            except (TypeError, ValueError):  # the name is taken by a dataset
+                continue
             if key in _CLASSES:
                 sub.attrs["NX_class"] = _CLASSES[key]
             _write_tree(sub, value)
@@ -1052,5 +1091,5 @@ def _write_tree(group, tree: Mapping[str, Any]) -> None:
                     group.create_dataset(key, data=list(value), dtype=h5py.string_dtype())
                 else:
                     group[key] = str(value)
-            if f"{key}@units" in tree:
-                group[key].attrs["units"] = tree[f"{key}@units"]
+            if units is not None:
+                group[key].attrs["units"] = units

@@ -260,6 +260,38 @@ def test_disk_full_keeps_the_old_file(scan, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "scan.nxs"]
 
 
+def test_file_size_limit_is_a_clear_disk_full_error(scan, tmp_path):
+    """A real failed write, without root: ``ulimit -f`` in a child process makes the
+    kernel refuse to grow the file (EFBIG; Python ignores SIGXFSZ). HDF5 reports it
+    while closing the file, as a RuntimeError: it must still be a DiskFull."""
+    raw, _ = scan
+    out = tmp_path / "out" / "scan.nxs"
+    out.parent.mkdir()
+    out.write_bytes(b"old scan file" * 10)
+    noise = np.random.default_rng(5).integers(0, 2**31, (10, *SHAPE), dtype=np.int32)
+    for i, frame in enumerate(noise, start=1):  # incompressible: 10 x 20 KB
+        write_cbf(raw / f"noise_{i:05d}.cbf", frame, i)
+    child = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+from scatterbroker.reduction.stack import DiskFull, stack_files
+try:
+    stack_files({str(raw / "noise_*.cbf")!r}, {str(out)!r}, codec="none", workers=int(sys.argv[1]))
+except DiskFull as err:
+    print("DiskFull:", err)
+"""
+    for workers in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", child, workers], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == (
+            f"DiskFull: the file size limit was reached (File too large) while writing scan.nxs in "
+            f"{out.parent}: the partial file was removed; the existing scan.nxs is untouched"
+        ), done.stdout + done.stderr
+        assert out.read_bytes() == b"old scan file" * 10
+        assert sorted(p.name for p in out.parent.iterdir()) == ["scan.nxs"]
+
+
 def test_real_full_disk(scan, tmp_path):
     """A 600 KB tmpfs (needs root; skipped elsewhere): HDF5's own ENOSPC error."""
     raw, data = scan
