@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -123,8 +124,7 @@ def spec_file_for(directory: Path, key: str) -> tuple[Path | None, int | None, s
         return None, None, None
     stem, number = found
     try:
-        specs = sorted(p for p in directory.iterdir()
-                       if p.suffix.lower() == SUFFIX and not p.name.startswith(".") and p.is_file())
+        specs = [directory / name for name in _spec_names(str(directory), directory.stat().st_mtime_ns)]
     except OSError:
         return None, None, None
     named = [p for p in specs if p.stem == stem]
@@ -139,6 +139,15 @@ def spec_file_for(directory: Path, key: str) -> tuple[Path | None, int | None, s
             "no SPEC metadata taken"
         )
     return None, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_names(directory: str, mtime_ns: int) -> tuple[str, ...]:
+    """``*.spec`` file names in ``directory`` (cached while its entries are unchanged:
+    a detector directory can hold 100,000 frames, and every scan in it asks)."""
+    with os.scandir(directory) as entries:
+        return tuple(sorted(e.name for e in entries if e.name.lower().endswith(SUFFIX)
+                            and not e.name.startswith(".") and e.is_file()))
 
 
 # ------------------------------------------------------------------ index

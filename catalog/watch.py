@@ -10,7 +10,22 @@ never registered half.
 
 The catalog is the source of truth: on start the watcher compares the
 directory with what the catalog already lists and appends only what is
-missing, so a restart neither duplicates nor misses a frame.
+missing, so a restart neither duplicates nor misses a frame. What a watcher
+killed mid-scan can leave behind is repaired then: header rows missing for
+frames already in ``frames`` are added, a scan node left half-made (no
+``source`` record) is rebuilt from the files.
+
+Bad input never stops the flow: a frame that stays truncated for
+``incomplete_after`` seconds, a corrupt frame, one of another shape or dtype,
+a frame number spelled twice (``scan_2`` beside ``scan_00002``) or written
+again, and a failed stack (a full disk) are each one line in the scan node's
+``metadata["problems"]`` (held until the scan exists, recorded once).
+
+Sidecar files (:mod:`scatterbroker.catalog.sidecar`) are not frames: when one
+is written, the scans it applies to have their sidecar metadata harvested
+again in place; frames, header rows and checksums are not touched, and the
+``source`` record keeps the sidecars' fingerprint exactly as ``register``
+would write it, so a later ``register`` run finds those scans unchanged.
 """
 
 from __future__ import annotations
