@@ -58,6 +58,7 @@ import hashlib
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -124,7 +125,10 @@ def spec_file_for(directory: Path, key: str) -> tuple[Path | None, int | None, s
         return None, None, None
     stem, number = found
     try:
-        specs = [directory / name for name in _spec_names(str(directory), directory.stat().st_mtime_ns)]
+        mtime = directory.stat().st_mtime_ns
+        if time.time_ns() - mtime < 2_000_000_000:  # changed just now: a coarse clock could hide
+            mtime = -time.monotonic_ns()             # a later change at the same mtime; list afresh
+        specs = [directory / name for name in _spec_names(str(directory), mtime)]
     except OSError:
         return None, None, None
     named = [p for p in specs if p.stem == stem]
