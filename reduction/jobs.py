@@ -214,11 +214,30 @@ def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
                    "entry with an NXsample (ub_matrix or orientation_matrix)")
 
 
+def product_ub(uri: str, api_key: str | None) -> tuple[dict, str]:
+    """The refined UB (``{"matrix": ...}``, 2π convention) of a complete ``orient`` product, and its URI.
+
+    Read with the job's own key, so a key that may not read the product cannot use its UB.
+    """
+    from tiled.client import from_uri
+
+    try:
+        node = from_uri(uri, api_key=api_key)
+        complete = node.metadata.get("complete")
+        matrix = np.asarray(node["ub"].read(), dtype=float) if complete else None
+    except Exception as err:
+        raise JobError(f"'ub' {uri}: not a readable orient product ({type(err).__name__}: {err})") from None
+    if matrix is None or matrix.shape != (3, 3):
+        raise JobError(f"'ub' {uri}: not a complete orient product with a 3x3 'ub' array")
+    return {"matrix": matrix.tolist()}, uri
+
+
 def op_transform(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
     """Reciprocal-space transform (DESIGN.md §5) of one frame stack.
 
-    The UB comes from ``params["ub"]`` or, if absent, from the NXsample of the
-    NeXus entry the input belongs to (:func:`scan_ub`).
+    The UB comes from ``params["ub"]`` (a UB record, or the URI of an ``orient``
+    product: its refined ``ub``, :func:`product_ub`) or, if absent, from the
+    NXsample of the NeXus entry the input belongs to (:func:`scan_ub`).
     """
     from .geometry import TransformParams
     from .transform import finish, merge, transform
@@ -227,6 +246,8 @@ def op_transform(inputs: list[Any], uris: list[str], params: dict, api_key: str 
     frames = frame_stack(node, uri)
     given = {k: params[k] for k in ("geometry", "ub", "grid") if k in params}
     ub_source = "parameters"
+    if isinstance(given.get("ub"), str):  # the URI of an orient product
+        given["ub"], ub_source = product_ub(given["ub"], api_key)
     if "ub" not in given:
         given["ub"], ub_source = scan_ub(frames, uri)
     tparams = TransformParams.from_dict(given)
@@ -256,8 +277,30 @@ def op_project(inputs: list[Any], uris: list[str], params: dict, api_key: str | 
     return Product(arrays=arrays, metadata={"kind": params.get("kind", "sum")})
 
 
+def op_peaks(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
+    """Bragg peaks of one frame stack (reduction/peaks.py): columns frame, y, x, intensity, npix."""
+    from .peaks import find_peaks, peak_options
+
+    (node,), (uri,) = inputs, uris
+    peaks = find_peaks(frame_stack(node, uri), **peak_options(params))
+    return Product(arrays=peaks.to_dict(), specs=["peaks"], metadata={
+        "count": len(peaks), "columns": ["frame", "y", "x", "intensity", "npix"],
+        "frame@units": "frame index", "y@units": "pixel (row)", "x@units": "pixel (column)",
+        "intensity@units": "counts above background"})
+
+
+def op_orient(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
+    """Peaks, then U (and optionally the lattice) refined against them (reduction/orientation.py)."""
+    from .orientation import orient_frames
+
+    (node,), (uri,) = inputs, uris
+    result = orient_frames(frame_stack(node, uri), params)
+    return Product(arrays=result.arrays(), metadata=result.metadata(), specs=["orientation"])
+
+
 #: operation name -> function(inputs, uris, params, api_key, executor) -> Product
-OPERATIONS: dict[str, Callable[..., Product]] = {"transform": op_transform, "project": op_project}
+OPERATIONS: dict[str, Callable[..., Product]] = {"transform": op_transform, "project": op_project,
+                                                 "peaks": op_peaks, "orient": op_orient}
 
 
 # -- records and running -------------------------------------------------
