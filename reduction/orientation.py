@@ -562,8 +562,8 @@ def orient(
         Index/refine rounds at most (stops when the indexed set is stable).
     min_fraction
         Fail (:class:`NotIndexed`) when fewer than this fraction of the peaks
-        index: a wrong cell still indexes some peaks by chance (a quarter or
-        so at low |Q|). Lower it for several grains or many spurious peaks.
+        index: a wrong cell still indexes some peaks by chance (a quarter to
+        a third in the tests). Lower it for several grains or many spurious peaks.
 
     Raises
     ------
