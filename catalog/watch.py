@@ -61,6 +61,8 @@ class Stats:
     backlog: int = 0
     started: float = field(default_factory=time.monotonic)
     last_problem: str = ""
+    #: why the server cannot be reached right now ("" when it can)
+    server_down: str = ""
 
     def line(self) -> str:
         dt = max(time.monotonic() - self.started, 1e-9)
@@ -68,6 +70,7 @@ class Stats:
             f"{self.frames} frames  {self.frames / dt:.1f} frames/s  "
             f"{self.bytes / dt / 1e6:.1f} MB/s  backlog {self.backlog}  "
             f"problems {self.problems}"
+            + (f"  SERVER UNREACHABLE ({self.server_down}); retrying" if self.server_down else "")
         )
 
 
@@ -219,18 +222,39 @@ class Watcher:
             self._observer = None
 
     def run(self, stop: threading.Event, interval: float = 0.05, status: Callable[[Stats], None] | None = None) -> None:
-        """Process events until ``stop`` is set."""
+        """Process events until ``stop`` is set.
+
+        While the server cannot be reached (restarting, network down, answering
+        5xx) the watcher keeps collecting events and retries with backoff up to
+        ``MAX_BACKOFF`` seconds; files not yet appended stay pending, and scans
+        are re-read from the catalog when it is back (it is the source of truth).
+        """
         self.start()
         last = 0.0
+        backoff = interval
         try:
             while not stop.is_set():
-                self.step()
+                try:
+                    self.step()
+                except Exception as err:
+                    if not _server_outage(err):
+                        raise
+                    self._server_unreachable(err)
+                    backoff = min(MAX_BACKOFF, max(2 * backoff, 0.2))
+                else:
+                    self.stats.server_down, backoff = "", interval
                 if status and time.monotonic() - last > 1.0:
                     status(self.stats)
                     last = time.monotonic()
-                stop.wait(interval)
+                stop.wait(backoff)
         finally:
             self.stop()
+
+    def _server_unreachable(self, err: BaseException) -> None:
+        # What was half-done when the server went away is not known here:
+        # forget the scans, and load them again from the catalog next time.
+        self._scans.clear()
+        self.stats.server_down = _describe(err)
 
     # -- the work --------------------------------------------------------
 
@@ -675,6 +699,24 @@ class _Frame:
     digits: str  # the number as written in the name
     path: Path
     info: FrameInfo
+
+
+#: longest wait between retries while the server is unreachable, seconds
+MAX_BACKOFF = 5.0
+
+
+def _server_outage(err: BaseException) -> bool:
+    """The server is down, restarting or overloaded (worth retrying), not refusing."""
+    import httpx
+
+    if isinstance(err, httpx.TransportError):
+        return True
+    return isinstance(err, httpx.HTTPStatusError) and (
+        err.response.status_code >= 500 or err.response.status_code == 429)
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:200]
 
 
 def _whole(node: Any) -> bool:

@@ -529,3 +529,56 @@ def test_disk_full_while_the_watcher_stacks(tmp_path):
             proc.terminate()
             proc.wait(20)
             log.close()
+
+
+def test_watcher_rides_out_a_server_restart(tmp_path, monkeypatch):
+    """The server goes away mid-scan and comes back: the watcher waits, then carries on."""
+    import socket
+
+    import tiled.client.utils
+
+    # Tiled's client retries a refused connection for up to ~45 s by itself; the
+    # watcher's own retry is what is tested here, so make the client give up fast.
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 1.0)
+
+    from conftest import SQLITE
+    from tiled.client import from_uri
+
+    from scatterbroker.server import build_app, serve_in_thread
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    frames = make_frames(6)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def server():
+        return serve_in_thread(build_app(SQLITE.config(tmp_path / "db", [raw])), port=port)
+
+    running = None
+    try:
+        with server() as url:
+            running = Running(from_uri(url, api_key=API_KEY), raw)
+            watcher = running.__enter__()
+            for i in range(3):
+                write_cbf(raw / f"scan_{i + 1:05d}.cbf", frames[i], i + 1)
+            wait_for(lambda: n_frames(from_uri(url, api_key=API_KEY)) == 3, what="first frames")
+        # server down: frames keep landing, the watcher says so and keeps running
+        for i in range(3, 6):
+            write_cbf(raw / f"scan_{i + 1:05d}.cbf", frames[i], i + 1)
+        wait_for(lambda: watcher.stats.server_down != "", timeout=60, what="the watcher to notice")
+        assert running.thread.is_alive() and "UNREACHABLE" in watcher.stats.line()
+        with server() as url:
+            client = from_uri(url, api_key=API_KEY)
+            wait_for(lambda: n_frames(client) == 6, timeout=60, what="frames written while down")
+            wait_for(lambda: watcher.stats.server_down == "", what="the watcher to see the server back")
+            assert running.thread.is_alive()
+            assert np.array_equal(client["raw/scan/frames"][:], frames)
+            assert list(client["raw/scan/headers"].read()["frame"]) == [1, 2, 3, 4, 5, 6]
+            running.__exit__(None, None, None)
+            running = None
+    finally:
+        if running is not None:
+            running.__exit__(None, None, None)
