@@ -334,6 +334,8 @@ def watch(
     stack_to: Optional[Path] = typer.Option(None, "--stack-to", help="Stack each scan that stops growing "
                                             "into DIR/<scan>.nxs plus a wrapper, and register both."),
     stack_after: float = typer.Option(10.0, "--stack-after", help="Seconds without a new frame before stacking."),
+    incomplete_after: float = typer.Option(30.0, "--incomplete-after", help="Seconds a frame may stay "
+                                           "shorter than its header says before it is reported as truncated."),
     api_key: Optional[str] = API_KEY,
 ) -> None:
     """Register frames as the detector writes them; resume where the catalog left off."""
@@ -347,7 +349,7 @@ def watch(
     console = _console(stderr=True)
     watcher = Watcher(_client(uri, api_key), directory, prefix, poll=poll, settle=settle,
                       on_problem=lambda msg: console.print(f"[yellow]problem[/] {msg}"),
-                      stack_to=stack_to, stack_after=stack_after)
+                      stack_to=stack_to, stack_after=stack_after, incomplete_after=incomplete_after)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console.print(f"watching {directory} -> {uri} {prefix or '/'} ({'polling' if poll else 'inotify'}); Ctrl-C to stop")
