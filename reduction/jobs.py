@@ -214,13 +214,17 @@ def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
                    "entry with an NXsample (ub_matrix or orientation_matrix)")
 
 
-def product_ub(uri: str, api_key: str | None) -> tuple[dict, str]:
+def product_ub(uri: str, api_key: str | None, input_uri: str) -> tuple[dict, str]:
     """The refined UB (``{"matrix": ...}``, 2π convention) of a complete ``orient`` product, and its URI.
 
-    Read with the job's own key, so a key that may not read the product cannot use its UB.
+    Read with the job's own key, so a key that may not read the product cannot use its UB; only
+    from the server that holds the input (the key is not sent anywhere else).
     """
     from tiled.client import from_uri
 
+    node_path(uri)
+    if urlparse(uri)[:2] != urlparse(input_uri)[:2]:
+        raise JobError(f"'ub' {uri}: an orient product on another server than the input {input_uri}")
     try:
         node = from_uri(uri, api_key=api_key)
         complete = node.metadata.get("complete")
@@ -247,7 +251,7 @@ def op_transform(inputs: list[Any], uris: list[str], params: dict, api_key: str 
     given = {k: params[k] for k in ("geometry", "ub", "grid") if k in params}
     ub_source = "parameters"
     if isinstance(given.get("ub"), str):  # the URI of an orient product
-        given["ub"], ub_source = product_ub(given["ub"], api_key)
+        given["ub"], ub_source = product_ub(given["ub"], api_key, uri)
     if "ub" not in given:
         given["ub"], ub_source = scan_ub(frames, uri)
     tparams = TransformParams.from_dict(given)
