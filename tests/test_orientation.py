@@ -393,4 +393,10 @@ def test_orient_job_then_transform_with_its_ub(tmp_path):
         with pytest.raises(jobs.JobError):
             jobs.run(client, job, API_KEY)
         assert "'ub'" in jobs.status(client["jobs"][job.item["id"]])["error"]
+        # ... and one on another server is not fetched (the key would go there)
+        elsewhere = "http://elsewhere.invalid/api/v1/metadata/reduced/xtal/rot/orient"
+        job = jobs.submit(client, "transform", [uri], {"geometry": geom.to_dict(), "ub": elsewhere,
+                                                       "grid": grid.to_dict()})
+        with pytest.raises(jobs.JobError, match="another server"):
+            jobs.run(client, job, API_KEY)
     assert time.monotonic() - t0 < 60
