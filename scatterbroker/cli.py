@@ -564,8 +564,9 @@ def jobs_ls(url: str = typer.Argument(...), api_key: Optional[str] = API_KEY) ->
 @app.command()
 def transform(
     uri: str = typer.Argument(..., help="Scan (or frames) node URI."),
-    params: str = typer.Option(..., "--params", help="JSON {geometry, ub, grid} inline or @file.json "
-                               "(see docs/geometry.md)."),
+    params: str = typer.Option(..., "--params", help="JSON {geometry, grid, ub?} inline or @file.json; "
+                               "without ub, the UB of the scan's NeXus sample, or an orient product's URI "
+                               "as ub (see docs/geometry.md)."),
     output: Optional[str] = typer.Option(None, "--output", help="Product node path."),
     api_key: Optional[str] = API_KEY,
 ) -> None:
