@@ -68,6 +68,7 @@ def catalog(
         cache_config=dict(cache_config or {"uri": "memory"}),
         **kwargs,
     )
+    _duckdb_one_at_a_time(tree)
     # Tiled mounts a tree's ``include_routers`` under /api/v1 (and /custom): the
     # fast data route (scatterbroker.fastpath) comes with every scatterbroker tree.
     from .fastpath import router
@@ -77,6 +78,34 @@ def catalog(
     # Refuse bad node keys, and assets outside the roots, when they are registered
     # (stock Tiled stores them and fails only on read): see catalog/guard.py.
     return guard(tree, roots)
+
+
+def _duckdb_one_at_a_time(tree: Any) -> None:
+    """Let one thread at a time use the tree's DuckDB table storage (scan ``headers`` tables).
+
+    Tiled 0.2.20 pools DuckDB with a ``StaticPool``: every request thread gets the
+    same ADBC connection at once. Two requests reading a table concurrently (a live
+    display reading a scan's headers while the watcher appends rows) then fail with
+    "Attempting to execute an unsuccessful or closed pending query result" (500),
+    and soon the server dies with SIGSEGV inside DuckDB (tests/test_table_concurrency.py,
+    found by benchmarks/load.py). A ``QueuePool`` of one connection (the same clone
+    Tiled would make, opened lazily) makes each checkout wait for the previous one to
+    be returned; every use is one short query. PostgreSQL/SQLite storage is untouched.
+    """
+    import functools
+
+    import sqlalchemy.pool
+    from tiled.storage import SQLStorage
+
+    if not isinstance(SQLStorage.__dict__.get("_connection_pool"), functools.cached_property):
+        raise RuntimeError("tiled.storage.SQLStorage._connection_pool is no longer a cached_property "
+                           "(Tiled upgrade?): revisit scatterbroker.server._duckdb_one_at_a_time")
+    for storage in tree.context.writable_storage.values():
+        if isinstance(storage, SQLStorage) and storage.dialect == "duckdb" and not isinstance(
+                storage.__dict__.get("_connection_pool"), sqlalchemy.pool.QueuePool):
+            storage.__dict__["_connection_pool"] = sqlalchemy.pool.QueuePool(
+                lambda storage=storage: storage._adbc_connection.adbc_clone(),
+                pool_size=1, max_overflow=0, timeout=60)
 
 
 def _is_path(storage: str) -> bool:
