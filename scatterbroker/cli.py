@@ -514,7 +514,7 @@ def _report(record: dict) -> None:
 @jobs_app.command("submit")
 def jobs_submit(
     url: str = typer.Argument(..., help="Server URL."),
-    operation: str = typer.Argument(..., help="transform or project."),
+    operation: str = typer.Argument(..., help="transform, project, peaks or orient."),
     inputs: list[str] = typer.Argument(..., help="Input node URIs (…/api/v1/metadata/<path>)."),
     params: str = typer.Option("{}", "--params", help="JSON parameters, inline or @file.json."),
     output: Optional[str] = typer.Option(None, "--output", help="Product node path (default under reduced/)."),
