@@ -52,6 +52,12 @@ class JobError(ScatterbrokerError, ValueError):
     status_code = 422
 
 
+class ProductWriteError(ScatterbrokerError):
+    """The product could not be written (e.g. the server's writable storage is full)."""
+
+    status_code = 507
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat()
 
@@ -353,15 +359,30 @@ def submit(client: Any, operation: str, inputs: list[str], parameters: dict,
     )
 
 
+_record_locks: dict[str, threading.Lock] = {}
+_record_locks_guard = threading.Lock()
+
+
 def _update(job: Any, **changes: Any) -> None:
-    record = dict(job.metadata["job"])
-    record.update(changes)
-    job.update_metadata(metadata={"job": record}, drop_revision=True)
+    """Patch the given fields of the job record, and only those.
+
+    The job's heartbeat thread and the job itself update the same record:
+    each sends only its own fields, one request at a time per job (the server
+    applies a patch as read-modify-write, so two at once could lose one).
+    """
+    with _record_locks_guard:
+        lock = _record_locks.setdefault(job.item["id"], threading.Lock())
+    with lock:
+        job.update_metadata(metadata={"job": changes}, drop_revision=True)
 
 
-def run(client: Any, job: Any, api_key: str | None, executor=None) -> str:
+def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequence[str] = ()) -> str:
     """Run a queued job to completion; return its product URI (raises on failure,
-    after recording the error on the job)."""
+    after recording the error on the job).
+
+    ``storage``: the server's writable storage directories, when the job runs
+    inside the server, so a failed product write can say whether the disk is full.
+    """
     record = job.metadata["job"]
     _update(job, state="running", started=_now(), heartbeat=_now())
     stop = threading.Event()
@@ -374,22 +395,24 @@ def run(client: Any, job: Any, api_key: str | None, executor=None) -> str:
                 pass
 
     threading.Thread(target=beat, daemon=True, name=f"job-{record['id']}").start()
-    product_node = None
     try:
         uris = record["inputs"]
         inputs = [open_input(uri, api_key) for uri in uris]
         product = OPERATIONS[record["operation"]](inputs, uris, record["parameters"], api_key,
                                                   executor or default_executor())
-        product_node = _write_product(client, record, product)
+        product_node = _write_product(client, record, product, job=job, storage=storage)
         uri = global_uri(product_node)
         stop.set()
-        _update(job, state="done", finished=_now(), product=uri, heartbeat=None)
+        _update(job, state="done", finished=_now(), product=uri, heartbeat=None, partial_product=None)
         return uri
     except BaseException as err:
         stop.set()
-        if product_node is not None:
-            product_node.delete(recursive=True, external_only=False)
-        _update(job, state="failed", finished=_now(), error=f"{type(err).__name__}: {err}", heartbeat=None)
+        # Whatever this job left under /reduced goes; if it cannot (the server is
+        # gone), the record keeps its path and status() removes it later.
+        partial = job.metadata["job"].get("partial_product")
+        left = None if _remove_partial(client, partial, record["id"]) else partial
+        _update(job, state="failed", finished=_now(), error=f"{type(err).__name__}: {err}", heartbeat=None,
+                partial_product=left)
         raise
 
 
@@ -404,11 +427,22 @@ def _product_path(client: Any, record: dict) -> list[str]:
     return [REDUCED, *parts, record["operation"]]
 
 
-def _write_product(client: Any, record: dict, product: Product) -> Any:
+def _write_product(client: Any, record: dict, product: Product, job: Any = None,
+                   storage: Sequence[str] = ()) -> Any:
+    """Write ``product`` as a container marked ``complete`` only once every array is in.
+
+    The container's path goes on the job record (``partial_product``) *before*
+    the container exists, so if the process dies half-way whoever finds the job
+    interrupted knows what to remove (:func:`status`). A failed write deletes the
+    container and raises :class:`ProductWriteError` naming the array and the cause.
+    """
     *parents, name = _product_path(client, record)
     parent = _container(client, parents)
     if name in parent:
         name = f"{name}-{record['id'][:8]}"
+    path = "/".join([*parents, name])
+    if job is not None:
+        _update(job, partial_product=path)
     node = parent.create_container(
         key=name,
         metadata={**product.metadata, "complete": False, "provenance": {
@@ -420,22 +454,123 @@ def _write_product(client: Any, record: dict, product: Product) -> Any:
     )
     try:
         for key, array in product.arrays.items():
-            node.write_array(np.ascontiguousarray(array), key=key)
+            array = np.ascontiguousarray(array)
+            try:
+                node.write_array(array, key=key)
+            except Exception as err:
+                raise ProductWriteError(
+                    f"writing array {key!r} ({array.nbytes / 1e6:.1f} MB) of the product {path} failed: "
+                    f"{_reason(err)}{_storage_report(storage, array.nbytes)}"
+                ) from err
         node.update_metadata(metadata={"complete": True, "finished": _now()}, drop_revision=True)
     except BaseException:
-        node.delete(recursive=True, external_only=False)
+        try:
+            node.delete(recursive=True, external_only=False)
+        except Exception:
+            pass  # left marked incomplete, its path on the job record: removed later
         raise
     return node
 
 
-def status(job: Any) -> dict[str, Any]:
-    """The job's record; a ``running`` job whose heartbeat stopped is marked failed."""
-    record = dict(job.metadata["job"])
-    if record["state"] == "running" and _age(record.get("heartbeat")) > STALE_SECONDS:
-        record.update(state="failed", finished=_now(),
-                      error="interrupted: the process running it stopped (server restart or crash)")
+def _reason(err: BaseException) -> str:
+    """The server's answer to a failed request, in one line."""
+    response = getattr(err, "response", None)
+    if response is not None:
         try:
-            _update(job, **{k: record[k] for k in ("state", "finished", "error")}, heartbeat=None)
+            detail = response.json().get("detail")
+        except Exception:
+            detail = None
+        return f"server answered {response.status_code} {response.reason_phrase}" + (f": {detail}" if detail else "")
+    return f"{type(err).__name__}: {err}"
+
+
+def _storage_report(storage: Sequence[str], needed: int) -> str:
+    """Why a write may have failed, as seen from the server process: a full
+    writable storage (statvfs) or a file-size limit (RLIMIT_FSIZE, ``ulimit -f``)."""
+    import shutil
+
+    notes = []
+    for directory in storage:
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            continue
+        if free < needed:
+            notes.append(f"no space left on device: the writable storage {directory} has "
+                         f"{free / 1e6:.1f} MB free, the array needs {needed / 1e6:.1f} MB")
+    if storage:
+        try:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY and limit < needed:
+                notes.append(f"file too large: the server may write files of at most {limit / 1e6:.1f} MB "
+                             "(RLIMIT_FSIZE, ulimit -f)")
+        except (ImportError, OSError, ValueError):
+            pass
+    return "".join(f"; {note}" for note in notes)
+
+
+def _remove_partial(client: Any, path: str | None, job_id: str) -> bool:
+    """Delete the product at ``path`` if job ``job_id`` left it incomplete.
+
+    True when nothing of the job's is left half-written (nothing there, a
+    complete product, another job's node, or deleted now); False if it could
+    not be deleted (the server is unreachable, or the caller may not write).
+    """
+    if not path:
+        return True
+    try:
+        node = client[path]
+        metadata = node.metadata
+        if metadata.get("complete") or (metadata.get("provenance") or {}).get("job") != job_id:
+            return True
+        node.delete(recursive=True, external_only=False)
+        return True
+    except KeyError:
+        return True
+    except Exception:
+        return False
+
+
+def status(job: Any) -> dict[str, Any]:
+    """The job's record; a ``running`` job whose heartbeat stopped is marked failed.
+
+    Its half-written product, if the record names one (``partial_product``), is
+    deleted then; if the product was complete (the process died between
+    finishing it and recording that), the job is recorded ``done`` instead.
+    Changes are recorded when the caller may write, and shown either way.
+    """
+    record = dict(job.metadata["job"])
+    changes: dict[str, Any] = {}
+    if record["state"] == "running" and _age(record.get("heartbeat")) > STALE_SECONDS:
+        changes = {"state": "failed", "finished": _now(), "heartbeat": None,
+                   "error": "interrupted: the process running it stopped (server restart or crash)"}
+    partial = record.get("partial_product")
+    if partial and (changes or record["state"] == "failed"):
+        from tiled.client import from_context
+
+        root = product = None
+        try:
+            root = from_context(job.context)
+            product = root[partial]
+            finished = product.metadata.get("complete") and \
+                (product.metadata.get("provenance") or {}).get("job") == record["id"]
+        except KeyError:
+            finished = False
+        except Exception:  # server unreachable: try again next time
+            root, finished = None, False
+        if finished and changes:
+            changes = {"state": "done", "finished": product.metadata.get("finished") or _now(),
+                       "heartbeat": None, "product": global_uri(product), "partial_product": None}
+        elif root is not None and _remove_partial(root, partial, record["id"]):
+            changes["partial_product"] = None
+            if changes.get("error"):
+                changes["error"] += f"; its incomplete product {partial} was removed"
+    if changes:
+        record.update(changes)
+        try:
+            _update(job, **changes)
         except Exception:
             pass
     return record

@@ -34,6 +34,14 @@ def _client(request: Request, api_key: Optional[str]):
     return from_uri(str(request.base_url).rstrip("/"), api_key=api_key)
 
 
+def _writable_directories(request: Request) -> list[str]:
+    """The server's writable file storage (where products go), for a job's
+    disk-full diagnosis; empty if the tree does not say."""
+    tree = getattr(request.app.state, "root_tree", None)
+    storage = getattr(getattr(tree, "context", None), "writable_storage", None) or {}
+    return [str(s.path) for s in storage.values() if hasattr(s, "path")]
+
+
 @router.post("")
 async def submit_job(
     request: Request,
@@ -56,9 +64,11 @@ async def submit_job(
     except ScatterbrokerError as err:
         raise HTTPException(err.status_code, str(err)) from None
 
+    storage = _writable_directories(request)
+
     def work() -> None:
         try:
-            jobs.run(client, job, api_key)
+            jobs.run(client, job, api_key, storage=storage)
         except BaseException:
             pass  # recorded on the job
 
