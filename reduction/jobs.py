@@ -343,7 +343,12 @@ def submit(client: Any, operation: str, inputs: list[str], parameters: dict,
     if not inputs:
         raise JobError("a job needs at least one input node URI")
     for uri in inputs:
-        node_path(uri)
+        # the submitter must see each input: no records filed against others' data
+        path = "/".join(node_path(uri))
+        try:
+            client[path]
+        except KeyError:
+            raise JobError(f"input {uri} does not exist (or this key may not read it)") from None
     from ..access import proposal_of
 
     job_id = uuid.uuid4().hex[:12]
