@@ -3,16 +3,20 @@
 ``POST /api/v1/jobs`` with ``{"operation", "inputs": [node URIs], "parameters",
 "output"?}`` needs write scope; it records the job in the catalog and runs it
 on a background thread *as the caller* (the caller's API key reads the inputs
-and writes the product), returning ``{"id", "uri"}`` at once.
+and writes the product), returning ``{"id", "uri"}`` at once. A caller who
+logged in (bearer token, facility profile) gets a job key minted for the run:
+a Tiled API key of their own, with their scopes, revoked when the job ends.
 ``GET /api/v1/jobs/{id}`` and ``GET /api/v1/jobs`` report records.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any, Optional
 
 import anyio
+import httpx
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Security
 from tiled.server.authentication import check_scopes, get_current_principal
 
@@ -28,10 +32,63 @@ def _caller_key(request: Request) -> Optional[str]:
     return request.query_params.get("api_key")
 
 
-def _client(request: Request, api_key: Optional[str]):
+def _bearer(request: Request) -> Optional[str]:
+    header = request.headers.get("authorization", "")
+    return header.split(None, 1)[1].strip() if header.lower().startswith("bearer ") else None
+
+
+class _BearerAuth(httpx.Auth):
+    """Send a caller's login token (Tiled's client would otherwise try to log in
+    itself, which a server cannot do)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def auth_flow(self, request: httpx.Request):
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
+#: seconds a job key minted for a logged-in caller lives at most (revoked at the job's end)
+JOB_KEY_LIFETIME = 7 * 24 * 3600
+_clients: OrderedDict[tuple, Any] = OrderedDict()
+_clients_lock = threading.Lock()
+
+
+def _client(request: Request, api_key: Optional[str], bearer: Optional[str] = None):
+    """A Tiled client acting as the caller, reused per credential: building one
+    costs the server ~0.15 CPU-s, and status polling would pay it every time.
+    (Reuse is safe: the server checks the credential on every request.)"""
     from tiled.client import from_uri
 
-    return from_uri(str(request.base_url).rstrip("/"), api_key=api_key)
+    base = str(request.base_url).rstrip("/")
+    key = (base, api_key, bearer)
+    with _clients_lock:
+        if key in _clients:
+            _clients.move_to_end(key)
+            return _clients[key]
+    client = from_uri(base, api_key=api_key, auth=_BearerAuth(bearer) if bearer and not api_key else None)
+    with _clients_lock:
+        _clients[key] = client
+        while len(_clients) > 64:
+            _clients.popitem(last=False)
+    return client
+
+
+def _mint_job_key(request: Request, bearer: str, job_note: str) -> str:
+    """An API key of the logged-in caller (Tiled's own ``POST /auth/apikey``)."""
+    r = httpx.post(f"{str(request.base_url).rstrip('/')}/api/v1/auth/apikey",
+                   json={"scopes": ["inherit"], "expires_in": JOB_KEY_LIFETIME, "note": job_note},
+                   headers={"Authorization": f"Bearer {bearer}"}, timeout=30)
+    if r.status_code != 200:
+        raise HTTPException(r.status_code, f"cannot act as you for a job: {r.json().get('detail', r.text)}")
+    return r.json()["secret"]
+
+
+def _revoke(request: Request, api_key: str) -> None:
+    httpx.delete(f"{str(request.base_url).rstrip('/')}/api/v1/auth/apikey",
+                 params={"first_eight": api_key[:8]},
+                 headers={"Authorization": f"Apikey {api_key}"}, timeout=30)
 
 
 def _writable_directories(request: Request) -> list[str]:
@@ -52,9 +109,12 @@ async def submit_job(
     from .reduction import jobs
     from .errors import ScatterbrokerError
 
-    api_key = _caller_key(request)
+    api_key, minted = _caller_key(request), False
+    if api_key is None and _bearer(request):
+        api_key = await anyio.to_thread.run_sync(_mint_job_key, request, _bearer(request), "scatterbroker job")
+        minted = True
     if api_key is None:
-        raise HTTPException(401, "jobs act as their submitter: authenticate with an API key")
+        raise HTTPException(401, "jobs act as their submitter: authenticate with an API key or a login")
     try:
         client = await anyio.to_thread.run_sync(_client, request, api_key)
         job = await anyio.to_thread.run_sync(
@@ -62,6 +122,8 @@ async def submit_job(
                                 dict(body.get("parameters") or {}), body.get("output"))
         )
     except ScatterbrokerError as err:
+        if minted:
+            await anyio.to_thread.run_sync(_revoke, request, api_key)
         raise HTTPException(err.status_code, str(err)) from None
 
     storage = _writable_directories(request)
@@ -71,6 +133,14 @@ async def submit_job(
             jobs.run(client, job, api_key, storage=storage)
         except BaseException:
             pass  # recorded on the job
+        finally:
+            if minted:
+                with _clients_lock:
+                    _clients.pop((str(request.base_url).rstrip("/"), api_key, None), None)
+                try:
+                    _revoke(request, api_key)
+                except Exception:
+                    pass  # it expires anyway (JOB_KEY_LIFETIME)
 
     threading.Thread(target=work, daemon=True, name=f"job-{job.item['id']}").start()
     return {"id": job.item["id"], "uri": global_uri(job), "state": "queued"}
@@ -81,7 +151,7 @@ async def get_job(request: Request, job_id: str, principal=Depends(get_current_p
                   _=Security(check_scopes, scopes=["read:metadata"])):
     from .reduction import jobs
 
-    client = await anyio.to_thread.run_sync(_client, request, _caller_key(request))
+    client = await anyio.to_thread.run_sync(_client, request, _caller_key(request), _bearer(request))
     node = await anyio.to_thread.run_sync(lambda: client[jobs.JOBS][job_id] if jobs.JOBS in client and job_id in client[jobs.JOBS] else None)
     if node is None:
         raise HTTPException(404, f"no job {job_id!r}")
@@ -93,5 +163,5 @@ async def list_all(request: Request, principal=Depends(get_current_principal),
                    _=Security(check_scopes, scopes=["read:metadata"])):
     from .reduction import jobs
 
-    client = await anyio.to_thread.run_sync(_client, request, _caller_key(request))
+    client = await anyio.to_thread.run_sync(_client, request, _caller_key(request), _bearer(request))
     return await anyio.to_thread.run_sync(jobs.list_jobs, client)

@@ -289,6 +289,20 @@ def test_people_who_log_in_see_only_their_member_proposals(tmp_path, facility, k
             assert [d["id"] for d in alice.get("search/raw").json()["data"]] == ["p1"]
             assert alice.get("metadata/raw/p2").status_code == 404
             assert alice.get("array/full/raw/p1/s1/scan1/frames?slice=0").status_code == 200
+            # a job submitted with a login (no API key) runs as alice, with a key minted for it
+            r = alice.post("jobs", json={"operation": "project", "inputs": [f"{url}/api/v1/metadata/raw/p1/s1/scan1"],
+                                         "parameters": {"kind": "mean", "axis": 0}, "output": "reduced/p1/alice"})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 120
+            while (record := alice.get(f"jobs/{r.json()['id']}").json()).get("state") not in ("done", "failed"):
+                assert time.monotonic() < deadline, record
+                time.sleep(0.2)
+            assert record["state"] == "done", record
+            assert alice.get("metadata/reduced/p1/alice").json()["data"]["attributes"]["metadata"]["complete"]
+            wait = time.monotonic() + 30  # the job's key is revoked when it ends
+            while alice.get("auth/whoami").json()["api_keys"] and time.monotonic() < wait:
+                time.sleep(0.2)
+            assert alice.get("auth/whoami").json()["api_keys"] == []
         with httpx.Client(base_url=f"{url}/api/v1", headers=token("bob", "pw-b")) as bob:
             assert bob.get("metadata/raw/p1").status_code == 404
             listing = bob.get("search/raw")
