@@ -9,6 +9,7 @@ app itself is Tiled's (``build_app_from_config``), not a fork.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -180,7 +181,31 @@ def build_app(config: Any):
     from .fastpath import FastLane
 
     app.add_middleware(FastLane)
+    app.add_exception_handler(OSError, _storage_full)
     return app
+
+
+#: errors of a write that did not fit: the file system is full, a quota or the
+#: process's file-size limit (RLIMIT_FSIZE) is reached
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large"}
+
+
+async def _storage_full(request, exc: OSError):
+    """507 Insufficient Storage, naming the cause, for a write that hit a full disk,
+    a quota or a file-size limit (Tiled answers 500 "Internal server error");
+    any other OSError goes on to the usual 500."""
+    if exc.errno not in _FULL:
+        raise exc
+    import logging
+
+    from starlette.responses import JSONResponse
+
+    logging.getLogger("scatterbroker.server").error(
+        "%s %s: the server's storage is full: %s", request.method, request.url.path, exc)
+    return JSONResponse(status_code=507, content={
+        "detail": f"the server's writable storage is full ({_FULL[exc.errno]}): nothing was stored; "
+                  "ask the facility to free space"})
 
 
 def app_factory():

@@ -452,6 +452,7 @@ def test_full_disk_while_writing_a_product(tmp_path, servers, request, limit: st
     assert rec["state"] == "failed", rec
     assert "ProductWriteError: writing array 'r' (4.0 MB) of the product reduced/full/radial failed" in rec["error"]
     assert cause in rec["error"], rec["error"]
+    assert "server answered 507 Insufficient Storage: the server's writable storage is full" in rec["error"]
     assert errno_text in server.log()  # the server really hit the fault (traceback in its log)
     assert metadata(url, "reduced/full/radial") is None, "a product that could not be written is registered"
     assert not rec.get("partial_product")
