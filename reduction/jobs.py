@@ -336,8 +336,14 @@ def _container(client: Any, parts: Iterable[str]) -> Any:
 
 
 def submit(client: Any, operation: str, inputs: list[str], parameters: dict,
-           output: str | None = None) -> Any:
-    """Create the job record (state ``queued``) and return its node."""
+           output: str | None = None, starting: bool = False) -> Any:
+    """Create the job record (state ``queued``) and return its node.
+
+    ``starting``: the caller starts the job at once (the server's jobs endpoint),
+    so the record gets a heartbeat now; if the process dies before the job is
+    ``running``, :func:`status` then reports it failed instead of queued forever.
+    A job queued to be run later (``starting=False``) has no heartbeat yet.
+    """
     if operation not in OPERATIONS:
         raise JobError(f"unknown operation {operation!r}; available: {', '.join(sorted(OPERATIONS))}")
     if not inputs:
@@ -357,6 +363,7 @@ def submit(client: Any, operation: str, inputs: list[str], parameters: dict,
         metadata={"job": {
             "id": job_id, "operation": operation, "inputs": list(inputs), "parameters": parameters,
             "output": output, "state": "queued", "submitted": _now(), "software": _versions(),
+            "heartbeat": _now() if starting else None,
             # who may see the record under per-proposal keys (scatterbroker.access)
             "proposal": proposal_of(node_path(inputs[0])),
         }},
@@ -539,7 +546,9 @@ def _remove_partial(client: Any, path: str | None, job_id: str) -> bool:
 
 
 def status(job: Any) -> dict[str, Any]:
-    """The job's record; a ``running`` job whose heartbeat stopped is marked failed.
+    """The job's record; a ``running`` job whose heartbeat stopped is marked failed,
+    and so is a ``queued`` one the server was starting (it has a heartbeat) that
+    never started.
 
     Its half-written product, if the record names one (``partial_product``), is
     deleted then; if the product was complete (the process died between
@@ -551,6 +560,9 @@ def status(job: Any) -> dict[str, Any]:
     if record["state"] == "running" and _age(record.get("heartbeat")) > STALE_SECONDS:
         changes = {"state": "failed", "finished": _now(), "heartbeat": None,
                    "error": "interrupted: the process running it stopped (server restart or crash)"}
+    elif record["state"] == "queued" and record.get("heartbeat") and _age(record["heartbeat"]) > STALE_SECONDS:
+        changes = {"state": "failed", "finished": _now(), "heartbeat": None,
+                   "error": "interrupted before it started: the server stopped (restart or crash)"}
     partial = record.get("partial_product")
     if partial and (changes or record["state"] == "failed"):
         from tiled.client import from_context

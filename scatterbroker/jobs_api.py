@@ -119,7 +119,7 @@ async def submit_job(
         client = await anyio.to_thread.run_sync(_client, request, api_key)
         job = await anyio.to_thread.run_sync(
             lambda: jobs.submit(client, body.get("operation", ""), list(body.get("inputs") or []),
-                                dict(body.get("parameters") or {}), body.get("output"))
+                                dict(body.get("parameters") or {}), body.get("output"), starting=True)
         )
     except ScatterbrokerError as err:
         if minted:

@@ -192,6 +192,21 @@ def test_interrupted_job_is_reported_failed_not_running(scan, monkeypatch):
     assert client["jobs"][job.item["id"]].metadata["job"]["state"] == "failed"  # recorded, not just shown
 
 
+def test_job_the_server_never_started_is_reported_failed_not_queued(scan):
+    from scatterbroker.reduction import jobs
+
+    client, uri, _, _ = scan
+    later = jobs.submit(client, "project", [uri], {"kind": "sum"})  # to be run later by its submitter
+    jobs._update(later, submitted="2000-01-01T00:00:00+00:00")
+    assert jobs.status(client["jobs"][later.item["id"]])["state"] == "queued"
+    job = jobs.submit(client, "project", [uri], {"kind": "sum"}, starting=True)
+    assert jobs.status(client["jobs"][job.item["id"]])["state"] == "queued"  # its heartbeat is fresh
+    jobs._update(job, heartbeat="2000-01-01T00:00:00+00:00")  # the server died before its thread ran
+    record = jobs.status(client["jobs"][job.item["id"]])
+    assert record["state"] == "failed" and "before it started" in record["error"]
+    assert client["jobs"][job.item["id"]].metadata["job"]["state"] == "failed"
+
+
 def test_dask_executor_gives_the_same_grid(scan):
     distributed = pytest.importorskip("distributed")
     from scatterbroker.reduction import jobs
