@@ -388,12 +388,15 @@ def _update(job: Any, **changes: Any) -> None:
         job.update_metadata(metadata={"job": changes}, drop_revision=True)
 
 
-def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequence[str] = ()) -> str:
+def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequence[str] = (),
+        opener: Callable[[str, str | None], Any] | None = None) -> str:
     """Run a queued job to completion; return its product URI (raises on failure,
     after recording the error on the job).
 
     ``storage``: the server's writable storage directories, when the job runs
     inside the server, so a failed product write can say whether the disk is full.
+    ``opener(uri, api_key)``: opens an input (default :func:`open_input`); the
+    server passes one that reads frames without HTTP (``scatterbroker.job_inputs``).
     """
     record = job.metadata["job"]
     _update(job, state="running", started=_now(), heartbeat=_now())
@@ -409,7 +412,7 @@ def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequ
     threading.Thread(target=beat, daemon=True, name=f"job-{record['id']}").start()
     try:
         uris = record["inputs"]
-        inputs = [open_input(uri, api_key) for uri in uris]
+        inputs = [(opener or open_input)(uri, api_key) for uri in uris]
         product = OPERATIONS[record["operation"]](inputs, uris, record["parameters"], api_key,
                                                   executor or default_executor())
         product_node = _write_product(client, record, product, job=job, storage=storage)

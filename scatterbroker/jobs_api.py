@@ -20,6 +20,7 @@ import httpx
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Security
 from tiled.server.authentication import check_scopes, get_current_principal
 
+from . import job_inputs
 from .catalog.uris import global_uri
 
 router = APIRouter(prefix="/jobs", tags=["scatterbroker jobs"])
@@ -127,10 +128,13 @@ async def submit_job(
         raise HTTPException(err.status_code, str(err)) from None
 
     storage = _writable_directories(request)
+    # the inputs this server holds, looked up with the submitter's credentials now,
+    # so the job reads their frames without HTTP (scatterbroker.job_inputs)
+    local = await job_inputs.resolve(request, list(job.metadata["job"]["inputs"]))
 
     def work() -> None:
         try:
-            jobs.run(client, job, api_key, storage=storage)
+            jobs.run(client, job, api_key, storage=storage, opener=job_inputs.opener(local))
         except BaseException:
             pass  # recorded on the job
         finally:

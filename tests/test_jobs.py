@@ -107,6 +107,48 @@ def test_transform_job_over_http_opens_from_another_process(scan):
     assert weights.sum() > 0
 
 
+def _http_job(url: str, body: dict) -> dict:
+    h = {"Authorization": f"Apikey {API_KEY}"}
+    r = httpx.post(f"{url}/api/v1/jobs", json=body, headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while True:
+        record = httpx.get(f"{url}/api/v1/jobs/{r.json()['id']}", headers=h).json()
+        if record["state"] in ("done", "failed") or time.monotonic() > deadline:
+            return record
+        time.sleep(0.2)
+
+
+def test_http_job_reads_this_servers_frames_without_http(scan, monkeypatch):
+    """A job POSTed to the server reads the frames of an input the server holds
+    straight from its adapter (found with the submitter's key); an input named by
+    another host is read over HTTP. Both give the sum numpy gives."""
+    from scatterbroker import job_inputs
+
+    client, uri, frames, url = scan
+    reads: list[bool] = []
+    original = job_inputs.ServerFrames.__getitem__
+
+    def counted(self, key):
+        reads.append(self._entry is not None)
+        return original(self, key)
+
+    monkeypatch.setattr(job_inputs.ServerFrames, "__getitem__", counted)
+    expected = frames.astype(np.float64).sum(axis=0)  # by hand, independently
+    body = {"operation": "project", "parameters": {"kind": "sum", "axis": 0}}
+    record = _http_job(url, {**body, "inputs": [uri], "output": "reduced/s1/inside"})
+    assert record["state"] == "done", record
+    assert reads and all(reads), "the job did not read its frames inside the server"
+    np.testing.assert_array_equal(client["reduced/s1/inside/data"].read(), expected)
+
+    reads.clear()
+    elsewhere = uri.replace("127.0.0.1", "localhost")  # the same data, but not this server's URI
+    record = _http_job(url, {**body, "inputs": [elsewhere], "output": "reduced/s1/over-http"})
+    assert record["state"] == "done", record
+    assert reads == []
+    np.testing.assert_array_equal(client["reduced/s1/over-http/data"].read(), expected)
+
+
 def test_transform_job_takes_the_ub_from_the_scans_nexus_sample(tmp_path):
     """No 'ub' in the parameters: the job reads it from the NXsample of the input's NeXus entry
     (orientation_matrix = U, times B of unit_cell), over HTTP, and records where it came from."""

@@ -1,0 +1,119 @@
+"""Frame-stack inputs of a job that runs inside the server, read without HTTP.
+
+A job submitted with ``POST /api/v1/jobs`` runs in the server process, as its
+submitter. Its metadata (shape, the NeXus entry the UB comes from, ...) still
+goes through a Tiled client with the submitter's key, but the frames
+themselves need not travel out through the server's socket and back in: at
+submission the input node is looked up **with the submitter's credentials**,
+through the same Tiled ``get_entry`` (access policy at every path segment)
+and readable-root checks as the fast data route (``scatterbroker.fastpath``),
+and the job reads its frames straight from that adapter, decoded in the
+server's I/O threads. Nothing is looked up for an input the submitter cannot
+read, and an input on another server (another host or port in its URI) is
+read over HTTP as before.
+
+For a served Bitshuffle-LZ4 scan this removes the sending and receiving of
+every compressed frame (about half of a transform job's CPU time,
+``benchmarks/transform.py`` end to end).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from . import _wire
+
+log = logging.getLogger(__name__)
+
+
+async def resolve(request: Any, uris: list[str]) -> dict[str, Any]:
+    """``{uri: adapter}`` for the inputs served by this server that the caller
+    may read as frame stacks (3-d arrays; a scan container means its ``frames``).
+
+    ``request`` is the submitter's ``POST``: its credentials decide, exactly as
+    for ``GET /api/v1/sb/frames/...``. Inputs that are not found, not readable
+    or not frame stacks are left out: the job then opens them over HTTP and
+    reports the problem itself.
+    """
+    from .fastpath import _authorize, _lookup
+    from .reduction.jobs import node_path
+
+    here = urlparse(str(request.base_url))[:2]
+    metrics: dict = collections.defaultdict(lambda: collections.defaultdict(float))  # Tiled's timings, unused
+    try:
+        auth = await _authorize(request, ["read:data"])
+    except Exception:
+        return {}
+    found: dict[str, Any] = {}
+    for uri in uris:
+        try:
+            if urlparse(uri)[:2] != here:
+                continue
+            path = "/".join(node_path(uri))
+        except Exception:
+            continue
+        for candidate in (path, f"{path}/frames"):
+            try:
+                entry = await _lookup(request, candidate, auth, ["read:data"], metrics)
+            except Exception:
+                continue  # not there, not readable, not an array: HTTP says why
+            if len(getattr(entry.structure(), "shape", ())) == 3:
+                found[uri] = entry
+                break
+    return found
+
+
+class ServerFrames:
+    """A job input: the Tiled client node for everything but frame reads,
+    which come from the server-side adapter (same shape and dtype, checked)."""
+
+    def __init__(self, node: Any, entry: Any) -> None:
+        self._node, self._entry = node, entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._node, name)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        from .fastpath import read_payload
+
+        if self._entry is None:
+            return self._node[key]
+        try:
+            norm, post = _wire.normalize(key, tuple(self._entry.structure().shape))
+        except (TypeError, IndexError):
+            return self._node[key]  # the client gives numpy's own error (or supports the key)
+        try:
+            payload = read_payload(self._entry, norm, "none")
+        except Exception as err:  # e.g. a file replaced under the node: HTTP reports it properly
+            log.warning("job input %s: reading %s in the server failed (%s); reading over HTTP "
+                        "instead", getattr(self._node, "uri", "?"), _wire.format_slice(norm), err)
+            self._entry = None
+            return self._node[key]
+        out = np.frombuffer(payload.body, dtype=payload.dtype) if len(payload.body) else \
+            np.empty(0, dtype=payload.dtype)
+        out = out.reshape(payload.shape)
+        return out[post] if any(p != slice(None) for p in post) else out
+
+
+def opener(entries: dict[str, Any]):
+    """An ``open_input`` for :func:`scatterbroker.reduction.jobs.run` that wraps the
+    inputs found by :func:`resolve` (when the client node agrees on shape and dtype)."""
+    from .reduction.jobs import open_input
+
+    def open_(uri: str, api_key: str | None) -> Any:
+        node = open_input(uri, api_key)
+        entry = entries.get(uri)
+        if entry is None:
+            return node
+        structure = entry.structure()
+        if tuple(structure.shape) != tuple(getattr(node, "shape", ())) or \
+                structure.data_type.to_numpy_dtype() != getattr(node, "dtype", None):
+            return node
+        return ServerFrames(node, entry)
+
+    return open_
