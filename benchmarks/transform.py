@@ -435,11 +435,19 @@ def run_job(served: ServedScan, a: argparse.Namespace, grid_n: int, output: str,
     # the job records 'finished' after its product is marked complete; same machine, same clock
     wall = datetime.datetime.fromisoformat(record["finished"]).timestamp() - posted
     hwm = served.server.memory().get("VmHWM", float("nan"))
+    # where the wall time went, from the job record's and the product's own timestamps
+    ts = datetime.datetime.fromisoformat
+    prov = product.metadata.get("provenance") or {}
+    stamps = [("queued", posted), ("started", record.get("started")),
+              ("computed", prov.get("started")), ("written", product.metadata.get("finished")),
+              ("recorded", record["finished"])]
+    stamps = [(k, v if isinstance(v, float) else ts(v).timestamp()) for k, v in stamps if v]
+    phases = {f"{a_}->{b_}": round(tb - ta, 3) for (a_, ta), (b_, tb) in zip(stamps, stamps[1:])}
     pixels = a.frames * a.shape[0] * a.shape[1]
     return {
         "contender": "end-to-end", "grid": grid_n, "wall_s": wall, "mpix_s": pixels / wall / 1e6,
         "seen_s": seen, "server_cpu_s": memory.cpu_s() - c0, "product": record["product"],
-        "ub_from": a.e2e_ub, "server_rss_before_mb": memory.base_mb, "server_peak_rss_mb": memory.peak_mb,
+        "ub_from": a.e2e_ub, "phases_s": phases, "server_rss_before_mb": memory.base_mb, "server_peak_rss_mb": memory.peak_mb,
         "server_tree_peak_rss_mb": memory.peak_tree_mb, "server_vmhwm_mb": hwm,
     }
 
@@ -504,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compare", action="store_true", help="skip the ours-vs-xrayutilities grid check")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run (served scan file, job system)")
     p.add_argument("--e2e-grid", type=int, nargs="*", default=[101], help="grids to run end to end")
-    p.add_argument("--e2e-repeat", type=int, default=2, help="jobs per grid (best is reported; the first "
+    p.add_argument("--e2e-repeat", type=int, default=3, help="jobs per grid (best is reported; the first "
                    "one after the server starts also pays the server's imports)")
     p.add_argument("--e2e-ub", choices=["nexus", "parameters"], default="nexus",
                    help="job's UB: from the scan's NXsample (orientation_matrix + unit_cell) or in the parameters")
@@ -625,6 +633,7 @@ def end_to_end(a: argparse.Namespace, served: ServedScan, n: int, tmp: str, xu: 
     print(f"  end to end      {best['mpix_s']:8.0f} Mpixel/s  ({best['wall_s']:.2f} s POST -> product complete -> job "
           f"finished; seen by polling after {best['seen_s']:.2f} s; runs {out['runs_s']}; server CPU "
           f"{best['server_cpu_s']:.1f} s = {best['server_cpu_s'] / best['wall_s']:.2f} cores; UB from {best['ub_from']})")
+    print(f"  phases, s       {best['phases_s']} (best run; from the job record's and the product's timestamps)")
     print(f"  server RSS      before {best['server_rss_before_mb']:.0f} MB, peak {best['server_peak_rss_mb']:.0f} MB "
           f"(with job worker processes {best['server_tree_peak_rss_mb']:.0f} MB; VmHWM since start "
           f"{best['server_vmhwm_mb']:.0f} MB); per run peaks {out['runs_peak_rss_mb']} MB, growth during each job "
