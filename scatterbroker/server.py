@@ -166,8 +166,38 @@ def new_api_key() -> str:
     return secrets.token_hex(16)
 
 
+#: bytes from which glibc serves an allocation with its own mmap (so freeing it
+#: returns it to the system); 0 leaves glibc's default, see release_large_buffers
+MMAP_THRESHOLD = int(os.environ.get("SCATTERBROKER_MMAP_THRESHOLD") or 1 << 20)
+
+
+def release_large_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make freed frame-sized buffers go back to the system (glibc only; True if set).
+
+    glibc serves a large allocation with mmap, but after the first such block is
+    freed it raises that threshold to the block's size, so later 10 MB frames
+    come from the heaps of the server's many threads and stay there: under 32
+    concurrent clients the server's RSS grew ~100 MB/min (benchmarks/load.py).
+    A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) turns the adjustment off.
+    """
+    if threshold <= 0:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def build_app(config: Any):
-    """The ASGI app for a config dict, a parsed Tiled ``Config``, or a YAML file/directory."""
+    """The ASGI app for a config dict, a parsed Tiled ``Config``, or a YAML file/directory.
+
+    Also sets the process's allocator to give frame-sized buffers back
+    (:func:`release_large_buffers`).
+    """
+    release_large_buffers()
     from tiled.config import Config, parse_configs
     from tiled.server.app import build_app_from_config
 
