@@ -4,7 +4,10 @@ What is measured
 ----------------
 One scatterbroker server in its own process on a free 127.0.0.1 port (the
 server of ``benchmarks/access.py``: ``build_app(local_config(...))`` under
-uvicorn, one worker, SQLite catalog, API key), serving one data tree:
+uvicorn, one worker, SQLite catalog, API key; ``--server-workers N`` runs N
+uvicorn workers of ``scatterbroker.server:app_factory`` on a throwaway
+PostgreSQL catalog and tables instead, summing their RSS and CPU), serving
+one data tree:
 
 * ``raw/p1/s1/scan``: a registered CBF scan, ``--scan-frames`` (20) Pilatus-style
   frames of ``--shape`` (default 1679 x 1475 int32, a Pilatus 2M: 9.9 MB a
@@ -406,9 +409,86 @@ class Sampler:
 
 
 def server_threads(server: Server) -> int:
-    """How many threads the server process has (``/proc/<pid>/status``)."""
-    with open(f"/proc/{server.proc.pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    """How many threads the server process(es) have (``/proc/<pid>/status``)."""
+    total = 0
+    for pid in getattr(server, "pids", lambda: [server.proc.pid])():
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    return total
+
+
+class WorkersServer(Server):
+    """``uvicorn --factory scatterbroker.server:app_factory --workers N`` on a PostgreSQL catalog;
+    memory and CPU are summed over the supervisor and its worker processes."""
+
+    def __init__(self, config: Path, workers: int, port: int, work: Path) -> None:
+        self.name, self.port = "server", port
+        self.url = f"http://127.0.0.1:{port}"
+        log = open(work / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "scatterbroker.server:app_factory", "--workers",
+             str(workers), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "SCATTERBROKER_CONFIG": str(config)})
+
+    def pids(self) -> list[int]:
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [self.proc.pid, *map(int, f.read().split())]
+        except OSError:
+            return [self.proc.pid]
+
+    def memory(self) -> dict[str, float]:
+        out = {"VmRSS": 0.0, "VmHWM": 0.0}
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith(("VmRSS", "VmHWM")):
+                            key, value = line.split(":")
+                            out[key] += int(value.split()[0]) / 1024
+            except OSError:
+                pass
+        return out
+
+    def cpu(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except OSError:
+                pass
+        return total
+
+
+def start_postgres_server(work: Path, data: Path, workers: int, port: int) -> tuple[WorkersServer, Any]:
+    """A throwaway PostgreSQL (tests/postgres.py), an initialised catalog in it, and the workers on it."""
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from postgres import PostgresServer, find_bindir
+
+    from scatterbroker.server import local_config
+
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("--server-workers > 1 needs PostgreSQL's initdb and pg_ctl (apt-get install postgresql)")
+    pg = PostgresServer(bindir).start()
+    try:
+        config = local_config(work / "sbdata", [data], api_key=API_KEY,
+                              catalog_uri=pg.uri(pg.create_database("catalog")))
+        storage = config["trees"][0]["args"]["writable_storage"]
+        storage[:] = [x for x in storage if not x.startswith("duckdb:")]
+        storage.append(pg.uri(pg.create_database("tables"), driver="postgresql"))
+        (work / "config.yml").write_text(yaml.safe_dump(config))
+        tiled = Path(sys.executable).with_name("tiled")  # workers must not race to create the catalog
+        subprocess.run([str(tiled), "catalog", "init", config["trees"][0]["args"]["uri"]], check=True,
+                       capture_output=True, timeout=120)
+        return WorkersServer(work / "config.yml", workers, port, work), pg
+    except BaseException:
+        pg.stop()
+        raise
 
 
 def malloc_trim(server: Server) -> dict[str, float] | None:
@@ -533,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc-trim", action="store_true",
                    help="after the load, call malloc_trim(0) in the server with gdb and report its RSS before "
                         "and after (memory the allocator kept vs memory in use)")
+    p.add_argument("--server-workers", type=int, default=1,
+                   help="server processes (uvicorn --workers with scatterbroker.server:app_factory); above 1 "
+                        "the catalog and tables go to a throwaway PostgreSQL server (tests/postgres.py; "
+                        "Debian's postgresql), as several processes need (default 1: SQLite + DuckDB)")
     p.add_argument("--distinct", type=int, default=4, help="distinct frames encoded and cycled (default 4)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep data and logs in a new directory here (default: a temporary one, removed)")
@@ -576,7 +660,11 @@ def measure(args: argparse.Namespace, mix: dict[str, float], shape: tuple[int, i
           f"({np.mean([len(b) for b, _ in blobs]) / 1e6:.2f} MB each) + their Bitshuffle-LZ4 NeXus stack, "
           f"written in {time.perf_counter() - t:.1f} s")
     port = _free_port()
-    server = Server("server", SCATTERBROKER, [work / "sbdata", data, port, API_KEY], port, work)
+    pg = None
+    if args.server_workers > 1:
+        server, pg = start_postgres_server(work, data, args.server_workers, port)
+    else:
+        server = Server("server", SCATTERBROKER, [work / "sbdata", data, port, API_KEY], port, work)
     watcher = None
     try:
         server.wait("/api/v1/")
@@ -622,11 +710,13 @@ def measure(args: argparse.Namespace, mix: dict[str, float], shape: tuple[int, i
         listed_end, _ = wait_for_frames(sync, 0, 0)
         listed, drained = wait_for_frames(sync, 1 + n_ingest, args.drain)
         sync.close()
-        trim = malloc_trim(server) if args.malloc_trim else None
+        trim = malloc_trim(server) if args.malloc_trim and args.server_workers == 1 else None
     finally:
         if watcher is not None:
             watcher.stop()
         server.stop()
+        if pg is not None:
+            pg.stop()
     return Run(calib=calib, rec=rec, span=span, sampler=sampler, client_cpu=client_cpu, closes=closes,
                n_ingest=n_ingest, listed_end=listed_end, listed=listed, drained=drained, trim=trim,
                server_log=(work / "server.log").read_text(errors="replace"),
@@ -751,7 +841,8 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> None:
     word = {True: "PASS", False: "MISS"}
     print()
     print(f"target (issue: 32 clients x 60 s on 2 cores); this run: {args.clients} clients x {args.duration:g} s "
-          f"on {os.cpu_count()} CPUs")
+          f"on {os.cpu_count()} CPUs, {args.server_workers} server process(es)"
+          f"{' on PostgreSQL' if args.server_workers > 1 else ''}")
     print(f"  errors == 0             {errors:>10}          {word[verdicts['zero_errors']]}")
     print(f"  p99 < {TARGET_P99_MS:g} ms            {_ms(p99):>10} ms       {word[verdicts['p99_under_500ms']]}")
     print(f"  RSS flat (<= {args.rss_flat:g} MB/min) {'-' if fit is None else f'{slope:+.1f}':>8} MB/min   "
@@ -766,7 +857,8 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> None:
         "params": {"clients": args.clients, "duration_s": args.duration, "shape": list(args.shape),
                    "scan_frames": args.scan_frames, "ingest_rate": args.ingest_rate, "mix": mix,
                    "roi": args.roi, "page": args.page, "think_s": args.think, "timeout_s": args.timeout,
-                   "cpus": os.cpu_count()},
+                   "cpus": os.cpu_count(), "server_workers": args.server_workers,
+                   "catalog": "postgresql" if args.server_workers > 1 else "sqlite"},
         "requests": n, "span_s": _r(span), "req_per_s": _r(n / span, 1),
         "latency_ms": {k: _r(v, 1) for k, v in overall.items()},
         "per_kind": per_kind,

@@ -82,8 +82,8 @@ def test_two_workers_share_one_postgresql_catalog(tmp_path: Path, postgres) -> N
         def read(i: int) -> tuple[int, np.ndarray, np.ndarray]:
             # a new connection per request, so the kernel hands them to both workers
             with httpx.Client(base_url=url, headers=HEADERS, timeout=30) as http:
-                fast = http.get(f"/api/v1/sb/frames/raw/s1/scan1/frames", params={"slice": f"{i % 6}"})
-                tiled = http.get(f"/api/v1/array/full/raw/s1/scan1/frames",
+                fast = http.get("/api/v1/sb/frames/raw/s1/scan1/frames", params={"slice": f"{i % 6}"})
+                tiled = http.get("/api/v1/array/full/raw/s1/scan1/frames",
                                  params={"slice": f"{i % 6}"}, headers={"Accept": "application/octet-stream"})
             assert fast.status_code == 200, fast.text
             assert tiled.status_code == 200, tiled.text
