@@ -31,8 +31,20 @@ def _free_port() -> int:
 
 def _workers(pid: int) -> list[int]:
     """uvicorn's worker processes (its other child is multiprocessing's resource tracker)."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    workers = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:  # whole, unlike ps's 80 columns
+                if b"spawn_main" in f.read():
+                    workers.append(child)
+        except OSError:
+            pass
+    return workers
 
 
 def test_two_workers_share_one_postgresql_catalog(tmp_path: Path, postgres) -> None:
