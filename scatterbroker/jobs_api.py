@@ -11,6 +11,7 @@ a Tiled API key of their own, with their scopes, revoked when the job ends.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from typing import Any, Optional
@@ -24,6 +25,7 @@ from . import job_inputs
 from .catalog.uris import global_uri
 
 router = APIRouter(prefix="/jobs", tags=["scatterbroker jobs"])
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _caller_key(request: Request) -> Optional[str]:
@@ -155,9 +157,18 @@ async def get_job(request: Request, job_id: str, principal=Depends(get_current_p
                   _=Security(check_scopes, scopes=["read:metadata"])):
     from .reduction import jobs
 
+    if not _JOB_ID.fullmatch(job_id):
+        raise HTTPException(404, f"no job {job_id!r}")
     client = await anyio.to_thread.run_sync(_client, request, _caller_key(request), _bearer(request))
-    node = await anyio.to_thread.run_sync(lambda: client[jobs.JOBS][job_id] if jobs.JOBS in client and job_id in client[jobs.JOBS] else None)
-    if node is None:
+
+    def find():  # one request (status polls are frequent)
+        try:
+            return client[f"{jobs.JOBS}/{job_id}"]
+        except KeyError:
+            return None
+
+    node = await anyio.to_thread.run_sync(find)
+    if node is None or "job" not in node.metadata:
         raise HTTPException(404, f"no job {job_id!r}")
     return await anyio.to_thread.run_sync(jobs.status, node)
 

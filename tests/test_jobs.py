@@ -200,6 +200,9 @@ def test_bad_jobs_fail_clearly_and_leave_no_product(scan):
     h = {"Authorization": f"Apikey {API_KEY}"}
     r = httpx.post(f"{url}/api/v1/jobs", json={"operation": "nonsense", "inputs": [uri]}, headers=h)
     assert r.status_code == 422 and "unknown operation" in r.json()["detail"]
+    for unknown in ("000000000000", "a.b", "%2E%2E"):  # no such job; not a job id
+        r = httpx.get(f"{url}/api/v1/jobs/{unknown}", headers=h)
+        assert r.status_code == 404 and "no job" in r.json()["detail"], (unknown, r.text)
     singular = transform_parameters()
     singular["ub"] = {"matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 0]]}
     job = jobs.submit(client, "transform", [uri], singular)
