@@ -234,20 +234,38 @@ class Server:
             time.sleep(0.3)
         raise TimeoutError(f"{self.name} server did not start in {timeout} s")
 
+    def pids(self) -> list[int]:
+        """The processes counted as the server: this one process (load.WorkersServer adds workers)."""
+        return [self.proc.pid]
+
     def memory(self) -> dict[str, float]:
-        out = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS", "VmHWM")):
-                    key, value = line.split(":")
-                    out[key] = int(value.split()[0]) / 1024  # MB
+        """VmRSS and VmHWM, MB, summed over :meth:`pids` (one that has gone is skipped, unless the first)."""
+        out: dict[str, float] = {}
+        for n, pid in enumerate(self.pids()):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith(("VmRSS", "VmHWM")):
+                            key, value = line.split(":")
+                            out[key] = out.get(key, 0.0) + int(value.split()[0]) / 1024  # MB
+            except OSError:
+                if n == 0:
+                    raise
         return out
 
     def cpu(self) -> float:
-        """CPU seconds (user + system) the server process has used so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds (user + system) the server's processes (:meth:`pids`) have used so far."""
+        total = 0.0
+        for n, pid in enumerate(self.pids()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                if n == 0:
+                    raise
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:

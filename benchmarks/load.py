@@ -411,7 +411,7 @@ class Sampler:
 def server_threads(server: Server) -> int:
     """How many threads the server process(es) have (``/proc/<pid>/status``)."""
     total = 0
-    for pid in getattr(server, "pids", lambda: [server.proc.pid])():
+    for pid in server.pids():
         with open(f"/proc/{pid}/status") as f:
             total += next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
     return total
@@ -419,7 +419,7 @@ def server_threads(server: Server) -> int:
 
 class WorkersServer(Server):
     """``uvicorn --factory scatterbroker.server:app_factory --workers N`` on a PostgreSQL catalog;
-    memory and CPU are summed over the supervisor and its worker processes."""
+    its pids are the supervisor and its worker processes (memory and CPU are summed over them)."""
 
     def __init__(self, config: Path, workers: int, port: int, work: Path) -> None:
         self.name, self.port = "server", port
@@ -436,30 +436,6 @@ class WorkersServer(Server):
                 return [self.proc.pid, *map(int, f.read().split())]
         except OSError:
             return [self.proc.pid]
-
-    def memory(self) -> dict[str, float]:
-        out = {"VmRSS": 0.0, "VmHWM": 0.0}
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith(("VmRSS", "VmHWM")):
-                            key, value = line.split(":")
-                            out[key] += int(value.split()[0]) / 1024
-            except OSError:
-                pass
-        return out
-
-    def cpu(self) -> float:
-        total = 0.0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            except OSError:
-                pass
-        return total
 
 
 def start_postgres_server(work: Path, data: Path, workers: int, port: int) -> tuple[WorkersServer, Any]:
