@@ -58,13 +58,18 @@ _clients: OrderedDict[tuple, Any] = OrderedDict()
 _clients_lock = threading.Lock()
 
 
+def _base(request: Request) -> str:
+    """This server's own URL, as the caller reached it."""
+    return str(request.base_url).rstrip("/")
+
+
 def _client(request: Request, api_key: Optional[str], bearer: Optional[str] = None):
     """A Tiled client acting as the caller, reused per credential: building one
     costs the server ~0.15 CPU-s, and status polling would pay it every time.
     (Reuse is safe: the server checks the credential on every request.)"""
     from tiled.client import from_uri
 
-    base = str(request.base_url).rstrip("/")
+    base = _base(request)
     key = (base, api_key, bearer)
     with _clients_lock:
         if key in _clients:
@@ -80,7 +85,7 @@ def _client(request: Request, api_key: Optional[str], bearer: Optional[str] = No
 
 def _mint_job_key(request: Request, bearer: str, job_note: str) -> str:
     """An API key of the logged-in caller (Tiled's own ``POST /auth/apikey``)."""
-    r = httpx.post(f"{str(request.base_url).rstrip('/')}/api/v1/auth/apikey",
+    r = httpx.post(f"{_base(request)}/api/v1/auth/apikey",
                    json={"scopes": ["inherit"], "expires_in": JOB_KEY_LIFETIME, "note": job_note},
                    headers={"Authorization": f"Bearer {bearer}"}, timeout=30)
     if r.status_code != 200:
@@ -89,7 +94,10 @@ def _mint_job_key(request: Request, bearer: str, job_note: str) -> str:
 
 
 def _revoke(request: Request, api_key: str) -> None:
-    httpx.delete(f"{str(request.base_url).rstrip('/')}/api/v1/auth/apikey",
+    """Revoke a minted job key, and drop the client that used it."""
+    with _clients_lock:
+        _clients.pop((_base(request), api_key, None), None)
+    httpx.delete(f"{_base(request)}/api/v1/auth/apikey",
                  params={"first_eight": api_key[:8]},
                  headers={"Authorization": f"Apikey {api_key}"}, timeout=30)
 
@@ -141,8 +149,6 @@ async def submit_job(
             pass  # recorded on the job
         finally:
             if minted:
-                with _clients_lock:
-                    _clients.pop((str(request.base_url).rstrip("/"), api_key, None), None)
                 try:
                     _revoke(request, api_key)
                 except Exception:
