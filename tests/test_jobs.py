@@ -72,22 +72,25 @@ def test_roi_statistics_and_radial_profile(scan):
     assert np.array_equal(product["max"].read(), roi.max(1))
 
 
+def _http_job(url: str, body: dict) -> dict:
+    """POST a job to the server and poll it until it ends (120 s at most); its record."""
+    h = {"Authorization": f"Apikey {API_KEY}"}
+    r = httpx.post(f"{url}/api/v1/jobs", json=body, headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while True:
+        record = httpx.get(f"{url}/api/v1/jobs/{r.json()['id']}", headers=h).json()
+        if record["state"] in ("done", "failed") or time.monotonic() > deadline:
+            return record
+        time.sleep(0.2)
+
+
 def test_transform_job_over_http_opens_from_another_process(scan):
     from scatterbroker.reduction.transform import transform
 
     client, uri, frames, url = scan
     params = {**transform_parameters(), "frames_per_task": 3}
-    h = {"Authorization": f"Apikey {API_KEY}"}
-    r = httpx.post(f"{url}/api/v1/jobs", json={"operation": "transform", "inputs": [uri], "parameters": params},
-                   headers=h, timeout=30)
-    assert r.status_code == 200, r.text
-    job_id = r.json()["id"]
-    deadline = time.monotonic() + 120
-    while True:
-        record = httpx.get(f"{url}/api/v1/jobs/{job_id}", headers=h).json()
-        if record["state"] in ("done", "failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    record = _http_job(url, {"operation": "transform", "inputs": [uri], "parameters": params})
     assert record["state"] == "done", record
     code = (
         "import sys, numpy as np; from tiled.client import from_uri; "
@@ -105,18 +108,6 @@ def test_transform_job_over_http_opens_from_another_process(scan):
     np.testing.assert_array_equal(weights, direct.n)  # any split of the frames gives the same grid
     np.testing.assert_allclose(data, direct.data, rtol=1e-12, equal_nan=True)
     assert weights.sum() > 0
-
-
-def _http_job(url: str, body: dict) -> dict:
-    h = {"Authorization": f"Apikey {API_KEY}"}
-    r = httpx.post(f"{url}/api/v1/jobs", json=body, headers=h, timeout=30)
-    assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 120
-    while True:
-        record = httpx.get(f"{url}/api/v1/jobs/{r.json()['id']}", headers=h).json()
-        if record["state"] in ("done", "failed") or time.monotonic() > deadline:
-            return record
-        time.sleep(0.2)
 
 
 def test_http_job_reads_this_servers_frames_without_http(scan, monkeypatch):
