@@ -126,10 +126,15 @@ async def submit_job(
         minted = True
     if api_key is None:
         raise HTTPException(401, "jobs act as their submitter: authenticate with an API key or a login")
+    inputs = list(body.get("inputs") or [])
+    # the inputs this server holds, looked up with the submitter's credentials, so the
+    # job reads their frames without HTTP (scatterbroker.job_inputs); before the record
+    # exists, whose first heartbeat must be followed promptly by the job's own
+    local = await job_inputs.resolve(request, inputs)
     try:
         client = await anyio.to_thread.run_sync(_client, request, api_key)
         job = await anyio.to_thread.run_sync(
-            lambda: jobs.submit(client, body.get("operation", ""), list(body.get("inputs") or []),
+            lambda: jobs.submit(client, body.get("operation", ""), inputs,
                                 dict(body.get("parameters") or {}), body.get("output"), starting=True)
         )
     except ScatterbrokerError as err:
@@ -138,9 +143,6 @@ async def submit_job(
         raise HTTPException(err.status_code, str(err)) from None
 
     storage = _writable_directories(request)
-    # the inputs this server holds, looked up with the submitter's credentials now,
-    # so the job reads their frames without HTTP (scatterbroker.job_inputs)
-    local = await job_inputs.resolve(request, list(job.metadata["job"]["inputs"]))
 
     def work() -> None:
         try:
