@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import request_overhead
 from .adapters import registry
 from .adapters.roots import normalize_roots
 from .catalog.guard import guard
@@ -195,9 +196,12 @@ def build_app(config: Any):
     """The ASGI app for a config dict, a parsed Tiled ``Config``, or a YAML file/directory.
 
     Also sets the process's allocator to give frame-sized buffers back
-    (:func:`release_large_buffers`).
+    (:func:`release_large_buffers`), and has FastAPI build each route's
+    dependencies and response models once instead of on every request
+    (:mod:`scatterbroker.request_overhead`).
     """
     release_large_buffers()
+    request_overhead.install()
     from tiled.config import Config, parse_configs
     from tiled.server.app import build_app_from_config
 

@@ -1,0 +1,159 @@
+"""Static work that FastAPI and pydantic redo on every request of a Tiled server, done once.
+
+Two costs showed up when the server was profiled (``py-spy``) under a loop of
+small requests (a node's metadata, a metadata patch, a child lookup), each
+paid per request although its result never changes while the server runs:
+
+**Dependencies rebuilt per request.** Tiled's ``build_app`` overrides one
+dependency (``get_settings``). As soon as ``app.dependency_overrides`` holds
+anything, FastAPI (0.165 here, and every version before it) rebuilds the
+``Dependant`` of *every* sub-dependency of *every* request with
+``get_dependant`` -- ``inspect.signature`` and pydantic field analysis of each
+callable, recursively -- whether or not that dependency is overridden
+(upstream: fastapi/fastapi#14441 and #16342, unreleased). Tiled's routes have
+deep dependency trees, so this was about a fifth of a small request's CPU.
+``get_dependant`` depends on its arguments only (a callable's signature does
+not change), so :func:`memoize_dependants` puts a memo in front of it.
+Overrides keep working, including ones changed at run time: the override is
+part of the key. Only calls made through ``fastapi.dependencies.utils`` at run
+time use the memo (``solve_dependencies`` and ``get_dependant``'s recursion);
+``fastapi.routing`` binds the original at import and mutates what it gets
+(router-level dependencies are inserted into a route's dependant), so routes
+never share a memoized object.
+
+**Response models re-created per request.** Tiled builds each response from a
+parametrized generic model (``schemas.Resource[NodeAttributes, ContainerLinks,
+ContainerMeta]``, one per structure family). pydantic caches parametrized
+models in a ``WeakValueDictionary`` only; a class is part of reference cycles,
+so once the garbage collector runs, the next request creates the class again
+(``create_generic_submodel``: about 5% of a small request's CPU, more for a
+listing, which builds one resource per child). :func:`keep_generic_models`
+restores what pydantic itself used before 2.x dropped it: the weak cache
+chained with a bounded dict of strong references.
+
+**SQL aliases re-created per request.** Tiled finds a node by its path with
+one SELECT joining an alias of the ``nodes`` table per path segment
+(``tiled.catalog.adapter.node_from_segments``), made afresh on every lookup:
+SQLAlchemy then builds each new alias's column collection again before its
+statement cache can answer (about 9% of a small request's CPU).
+:func:`reuse_node_aliases` makes the same statement from aliases made once per
+path depth; the SQL is the same, the statements differ only in their bound
+values.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+#: distinct dependants remembered (routes x their dependencies: a few hundred for Tiled)
+MAX_DEPENDANTS = 4096
+#: parametrized models kept alive (keys: about three per parametrization)
+MAX_GENERIC_MODELS = 2000
+
+_memo: OrderedDict[tuple, Any] = OrderedDict()
+_lock = threading.Lock()
+#: memo hits and misses of :func:`memoize_dependants` (tests; a miss per request would mean it does nothing)
+stats = {"hits": 0, "misses": 0}
+
+
+def install() -> None:
+    """Both fixes (idempotent; each is skipped if its library no longer has what it patches)."""
+    memoize_dependants()
+    keep_generic_models()
+    reuse_node_aliases()
+
+
+def _key(kwargs: dict[str, Any]) -> tuple | None:
+    key = tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in sorted(kwargs.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def memoize_dependants() -> bool:
+    """Memoize FastAPI's run-time ``get_dependant``; False if FastAPI has no such function."""
+    try:
+        from fastapi.dependencies import utils
+    except ImportError:
+        return False
+    original = getattr(utils, "get_dependant", None)
+    if original is None:
+        return False
+    if getattr(original, "_scatterbroker_memo", False):
+        return True
+
+    def get_dependant(**kwargs: Any) -> Any:
+        key = _key(kwargs)
+        if key is None:
+            return original(**kwargs)
+        with _lock:
+            hit = _memo.get(key)
+            if hit is not None:
+                _memo.move_to_end(key)
+                stats["hits"] += 1
+                return hit
+        built = original(**kwargs)
+        with _lock:
+            stats["misses"] += 1
+            _memo[key] = built
+            while len(_memo) > MAX_DEPENDANTS:
+                _memo.popitem(last=False)
+        return built
+
+    get_dependant._scatterbroker_memo = True  # type: ignore[attr-defined]
+    get_dependant.__wrapped__ = original  # type: ignore[attr-defined]
+    get_dependant.__doc__ = original.__doc__
+    utils.get_dependant = get_dependant
+    return True
+
+
+def keep_generic_models() -> bool:
+    """Keep recently used parametrized pydantic models alive; False if pydantic's cache changed shape."""
+    try:
+        from pydantic._internal import _generics as g
+    except ImportError:
+        return False
+    cache = getattr(g, "_GENERIC_TYPES_CACHE", None)
+    if not all(hasattr(g, name) for name in ("DeepChainMap", "LimitedDict", "GenericTypesCache")):
+        return False
+    if isinstance(cache, g.DeepChainMap):
+        return True  # done already (or pydantic went back to it)
+    weak = g.GenericTypesCache()
+    if cache is not None:
+        weak.update(cache)  # models created so far keep their identity
+    g._GENERIC_TYPES_CACHE = g.DeepChainMap(weak, g.LimitedDict(MAX_GENERIC_MODELS))
+    return True
+
+
+def reuse_node_aliases() -> bool:
+    """Tiled's path-to-node SELECT, from aliases made once per depth; False if Tiled changed."""
+    try:
+        from sqlalchemy import select
+        from sqlalchemy.orm import aliased
+        from tiled.catalog import adapter, orm
+    except ImportError:
+        return False
+    original = getattr(adapter, "node_from_segments", None)
+    if original is None or getattr(original, "_scatterbroker_memo", False):
+        return original is not None
+    chains: dict[int, list] = {}
+
+    def node_from_segments(segments: Any, root_id: int = 0) -> Any:
+        # tiled.catalog.adapter.node_from_segments (0.2.20), statement for statement
+        chain = chains.get(len(segments))
+        if chain is None:
+            chain = chains.setdefault(len(segments), [aliased(orm.Node) for _ in segments] + [orm.Node])
+        statement = select(chain[-1]).select_from(chain[0]).where(chain[0].id == root_id)
+        for i, segment in enumerate(segments):
+            parent, child = chain[i], chain[i + 1]
+            statement = statement.join(child, child.parent == parent.id).where(child.key == segment)
+        return statement
+
+    node_from_segments._scatterbroker_memo = True  # type: ignore[attr-defined]
+    node_from_segments.__wrapped__ = original  # type: ignore[attr-defined]
+    adapter.node_from_segments = node_from_segments
+    return True
