@@ -329,6 +329,13 @@ def _versions() -> dict[str, str]:
 
 
 def _container(client: Any, parts: Iterable[str]) -> Any:
+    """The container at ``parts`` under ``client``, created (with its parents) if missing."""
+    parts = list(parts)
+    if parts:
+        try:
+            return client["/".join(parts)]  # one request in the usual case: it exists
+        except KeyError:
+            pass
     node = client
     for part in parts:
         node = node[part] if part in node else node.create_container(key=part)
