@@ -22,7 +22,9 @@ for I/O or decompression):
    on ``--xu-batch`` frames at a time (its C conversion is OpenMP-parallel over
    the frames of a batch, so it uses both cores), each batch fed to one
    ``Gridder3D`` with a fixed data range and ``KeepData(True)``; then ``.data``.
-   Conversion and gridding times are reported separately.
+   Conversion and gridding times are reported separately. Best of
+   ``--xu-repeat`` runs (2): on a shared machine one slow reference run
+   would flatter every ratio taken against it.
 3. optionally **Dask**: ``partial()`` tasks over frame ranges on a
    ``LocalCluster`` of 2 single-threaded workers (numba 1 thread each), summed
    with ``merge`` and finished, vs the in-process figure of (1). Each worker
@@ -48,7 +50,7 @@ for I/O or decompression):
    RSS of the server process (and of it plus any job worker processes) is
    sampled every 100 ms during the job, VmHWM read after it; CPU is the
    server's (and its reaped children's), polls included (each ``GET
-   /api/v1/jobs/{id}`` costs the server ~0.15 CPU-s here).
+   /api/v1/jobs/{id}`` is one request).
 
 After timing, the parent checks that the grids agree: ours vs xrayutilities
 (identical ``n`` and ``v/n`` to 1e-6 on interior voxels; the outermost layer
@@ -218,24 +220,31 @@ def child_xu(a: argparse.Namespace) -> dict[str, Any]:
     hxrd = xu.HXRD([1, 0, 0], [0, 0, 1], wl=geom.wavelength, qconv=xu.experiment.QConversion(*args["qconv"]))
     hxrd.Ang2Q.init_area(**args["init_area"])
     base = rss_mb()
-    conv = grid_t = 0.0
-    c0, t0 = cpu_s(), time.perf_counter()
-    gridder = xu.Gridder3D(grid.H.num, grid.K.num, grid.L.num)
-    gridder.KeepData(True)
-    gridder.dataRange(grid.H.start, grid.H.stop, grid.K.start, grid.K.stop, grid.L.start, grid.L.stop, fixed=True)
-    for i in range(0, a.frames, a.xu_batch):
-        count = min(a.xu_batch, a.frames - i)
-        angles = geom.goniometer.circle_angles(i, count)
-        t1 = time.perf_counter()
-        h, k, l = hxrd.Ang2HKL(*angles.T, *args["detector_angles"], U=np.eye(3), B=ub.array, dettype="area")
-        t2 = time.perf_counter()
-        gridder(h, k, l, frames[i : i + count])
-        del h, k, l
-        conv += t2 - t1
-        grid_t += time.perf_counter() - t2
+    best: dict[str, Any] | None = None
+    runs = []
+    for _ in range(max(1, a.xu_repeat)):  # best of N, like ours: the machine's noise hits both alike
+        conv = grid_t = 0.0
+        c0, t0 = cpu_s(), time.perf_counter()
+        gridder = xu.Gridder3D(grid.H.num, grid.K.num, grid.L.num)
+        gridder.KeepData(True)
+        gridder.dataRange(grid.H.start, grid.H.stop, grid.K.start, grid.K.stop, grid.L.start, grid.L.stop,
+                          fixed=True)
+        for i in range(0, a.frames, a.xu_batch):
+            count = min(a.xu_batch, a.frames - i)
+            angles = geom.goniometer.circle_angles(i, count)
+            t1 = time.perf_counter()
+            h, k, l = hxrd.Ang2HKL(*angles.T, *args["detector_angles"], U=np.eye(3), B=ub.array, dettype="area")
+            t2 = time.perf_counter()
+            gridder(h, k, l, frames[i : i + count])
+            del h, k, l
+            conv += t2 - t1
+            grid_t += time.perf_counter() - t2
+        wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+        runs.append(round(wall, 3))
+        if best is None or wall < best["wall"]:
+            best = {"wall": wall, "cpu": cpu, "conv": conv, "grid_t": grid_t, "gridder": gridder}
+    wall, cpu, conv, grid_t, gridder = (best[k] for k in ("wall", "cpu", "conv", "grid_t", "gridder"))
     data = gridder.data
-    wall = time.perf_counter() - t0
-    cpu = cpu_s() - c0
     pixels = a.frames * shape[0] * shape[1]
     if a.save:
         np.save(Path(a.save) / "xu_n.npy", gridder._gnorm.transpose(2, 1, 0))
@@ -243,7 +252,7 @@ def child_xu(a: argparse.Namespace) -> dict[str, Any]:
     del data
     return {
         "contender": "xrayutilities", "grid": a.grid_n, "batch": a.xu_batch, "threads_conversion": xu.config.NTHREADS or os.cpu_count(),
-        "wall_s": wall, "cpu_s": cpu, "mpix_s": pixels / wall / 1e6, "cores_used": cpu / wall,
+        "wall_s": wall, "cpu_s": cpu, "runs_s": runs, "mpix_s": pixels / wall / 1e6, "cores_used": cpu / wall,
         "conversion_mpix_s": pixels / conv / 1e6, "gridding_mpix_s": pixels / grid_t / 1e6,
         "rss_base_mb": base, "peak_rss_mb": peak_rss_mb(),
     }
@@ -474,7 +483,7 @@ def check_product(product_uri: str, api_key: str, tmp: str) -> dict[str, Any]:
 def run_child(kind: str, a: argparse.Namespace, grid_n: int, save: str | None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", kind, "--grid-n", str(grid_n), "--frames", str(a.frames),
            "--shape", *map(str, a.shape), "--block", str(a.block), "--xu-batch", str(a.xu_batch),
-           "--repeat", str(a.repeat), "--dask-tasks", str(a.dask_tasks)]
+           "--xu-repeat", str(a.xu_repeat), "--repeat", str(a.repeat), "--dask-tasks", str(a.dask_tasks)]
     if save:
         cmd += ["--save", save]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -505,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=16, help="frames per transform block")
     p.add_argument("--xu-batch", type=int, default=4, help="frames per xrayutilities conversion call")
     p.add_argument("--repeat", type=int, default=2, help="runs of ours per grid (best is reported)")
+    p.add_argument("--xu-repeat", type=int, default=2, help="runs of xrayutilities per grid (best is reported)")
     p.add_argument("--no-xu", action="store_true")
     p.add_argument("--no-dask", action="store_true")
     p.add_argument("--dask-grid", type=int, nargs="*", default=[101], help="grids to run through Dask")
@@ -517,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-ub", choices=["nexus", "parameters"], default="nexus",
                    help="job's UB: from the scan's NXsample (orientation_matrix + unit_cell) or in the parameters")
     p.add_argument("--e2e-poll", type=float, default=1.0, help="seconds between GET /api/v1/jobs/{id} (each "
-                   "costs the server ~0.15 CPU-s; the time reported is the job's own 'finished' time)")
+                   "is one request to the server; the time reported is the job's own 'finished' time)")
     p.add_argument("--child", choices=["ours", "xu", "dask"], help=argparse.SUPPRESS)
     p.add_argument("--grid-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
@@ -592,7 +602,7 @@ def run_grids(a: argparse.Namespace, summary: dict[str, Any], have_xu: bool, hav
             if have_xu:
                 x = run_child("xu", a, n, save)
                 entry["xrayutilities"] = x
-                print(f"  xrayutilities   {x['mpix_s']:8.0f} Mpixel/s  ({x['wall_s']:.2f} s; conversion "
+                print(f"  xrayutilities   {x['mpix_s']:8.0f} Mpixel/s  ({x['wall_s']:.2f} s; runs {x['runs_s']}; conversion "
                       f"{x['conversion_mpix_s']:.0f}, Gridder3D {x['gridding_mpix_s']:.0f} Mpixel/s; "
                       f"{x['cores_used']:.2f} cores busy)  peak RSS {x['peak_rss_mb']:.0f} MB")
                 ratio = ours["mpix_s"] / x["mpix_s"]
