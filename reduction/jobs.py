@@ -205,6 +205,13 @@ def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
     def specs(n: Any) -> set[str]:
         return {s.name for s in getattr(n, "specs", ())}
 
+    known = getattr(node, "nexus_sample", None)
+    if known is not None:  # read in the server at submission (scatterbroker.job_inputs.ServerFrames)
+        values, sample_uri = known
+        try:
+            return UB.from_nexus(values), sample_uri
+        except GeometryError as err:
+            raise JobError(f"UB from {sample_uri}: {err}") from None
     entry = node
     while entry.path_parts and "NXentry" not in specs(entry):
         entry = entry.parent

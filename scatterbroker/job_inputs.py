@@ -15,12 +15,21 @@ read over HTTP as before.
 For a served Bitshuffle-LZ4 scan this removes the sending and receiving of
 every compressed frame (about half of a transform job's CPU time,
 ``benchmarks/transform.py`` end to end).
+
+The same holds for the sample a transform takes its UB from when the
+parameters give none (:func:`scatterbroker.reduction.jobs.scan_ub`): the
+NXentry above the input and its NXsample are found, and the UB fields read, in
+the server -- each node through ``get_entry`` with the submitter's
+credentials, ``read:metadata`` for the walk and ``read:data`` for the fields,
+as the job's own requests would need. Over HTTP that walk is about ten
+requests, each paid twice in the one server process (client and route).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,8 +40,16 @@ from . import _wire
 log = logging.getLogger(__name__)
 
 
-async def resolve(request: Any, uris: list[str]) -> dict[str, Any]:
-    """``{uri: adapter}`` for the inputs served by this server that the caller
+@dataclass
+class Found:
+    """An input this server holds: its adapter, and the UB fields of its NeXus sample if found."""
+
+    entry: Any
+    sample: tuple[dict[str, Any], str] | None = None  # (field -> value, NXsample URI)
+
+
+async def resolve(request: Any, uris: list[str]) -> dict[str, Found]:
+    """``{uri: Found}`` for the inputs served by this server that the caller
     may read as frame stacks (3-d arrays; a scan container means its ``frames``).
 
     ``request`` is the submitter's ``POST``: its credentials decide, exactly as
@@ -49,7 +66,7 @@ async def resolve(request: Any, uris: list[str]) -> dict[str, Any]:
         auth = await _authorize(request, ["read:data"])
     except Exception:
         return {}
-    found: dict[str, Any] = {}
+    found: dict[str, Found] = {}
     for uri in uris:
         try:
             if urlparse(uri)[:2] != here:
@@ -63,17 +80,68 @@ async def resolve(request: Any, uris: list[str]) -> dict[str, Any]:
             except Exception:
                 continue  # not there, not readable, not an array: HTTP says why
             if len(getattr(entry.structure(), "shape", ())) == 3:
-                found[uri] = entry
+                try:
+                    sample = await _sample(request, candidate, auth, metrics)
+                except Exception:  # anything unexpected: the job walks over HTTP and says what is wrong
+                    sample = None
+                found[uri] = Found(entry, sample)
                 break
     return found
+
+
+async def _sample(request: Any, path: str, auth: Any, metrics: Any) -> tuple[dict[str, Any], str] | None:
+    """The UB fields of the NXsample in the NXentry above ``path``, read in the server,
+    and its URI -- what ``scan_ub`` reads over HTTP -- or None to leave it to HTTP
+    (no NXentry, an NXentry that is a catalog node rather than a group of a served
+    file, a node this caller may not read: HTTP then gives the same answer or error)."""
+    import anyio
+    from tiled.server.dependencies import get_entry
+    from tiled.server.utils import get_base_url
+    from tiled.structures.core import StructureFamily
+
+    from .fastpath import _lookup
+    from .reduction.jobs import _UB_FIELDS
+
+    async def node(p: str, family: StructureFamily) -> Any:
+        return await get_entry(p, ["read:metadata"], auth.principal, auth.access_tags, auth.scopes,
+                               request.app.state.root_tree, auth.session_state, metrics, {family},
+                               getattr(request.app.state, "access_policy", None))
+
+    def specs(n: Any) -> set[str]:
+        return {getattr(s, "name", s) for s in (getattr(n, "specs", None) or ())}
+
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts) - 1, 0, -1):  # the input's ancestors, nearest first
+        where = "/".join(parts[:depth])
+        entry = await node(where, StructureFamily.container)
+        if "NXentry" not in specs(entry):
+            continue
+        if hasattr(entry, "get_adapter") or not hasattr(entry, "keys"):
+            return None  # a catalog node: its children are listed over HTTP
+        for key in list(entry.keys()):
+            try:
+                child = await node(f"{where}/{key}", StructureFamily.container)
+            except Exception:
+                continue  # not a container, or not visible to this caller: not the sample
+            if "NXsample" not in specs(child) or not hasattr(child, "keys"):
+                continue
+            values = {}
+            for name in sorted(set(child.keys()) & _UB_FIELDS):
+                field = await _lookup(request, f"{where}/{key}/{name}", auth, ["read:data"], metrics)
+                values[name] = await anyio.to_thread.run_sync(field.read)
+            return values, f"{get_base_url(request)}/metadata/{where}/{key}"
+        return None
+    return None
 
 
 class ServerFrames:
     """A job input: the Tiled client node for everything but frame reads,
     which come from the server-side adapter (same shape and dtype, checked)."""
 
-    def __init__(self, node: Any, entry: Any) -> None:
+    def __init__(self, node: Any, entry: Any, sample: tuple[dict[str, Any], str] | None = None) -> None:
         self._node, self._entry = node, entry
+        #: (UB fields, NXsample URI) read in the server, for ``scan_ub``; None: walk over HTTP
+        self.nexus_sample = sample
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
@@ -100,20 +168,20 @@ class ServerFrames:
         return out[post] if any(p != slice(None) for p in post) else out
 
 
-def opener(entries: dict[str, Any]):
+def opener(found: dict[str, Found]):
     """An ``open_input`` for :func:`scatterbroker.reduction.jobs.run` that wraps the
     inputs found by :func:`resolve` (when the client node agrees on shape and dtype)."""
     from .reduction.jobs import open_input
 
     def open_(uri: str, api_key: str | None) -> Any:
         node = open_input(uri, api_key)
-        entry = entries.get(uri)
-        if entry is None:
+        hit = found.get(uri)
+        if hit is None:
             return node
-        structure = entry.structure()
+        structure = hit.entry.structure()
         if tuple(structure.shape) != tuple(getattr(node, "shape", ())) or \
                 structure.data_type.to_numpy_dtype() != getattr(node, "dtype", None):
             return node
-        return ServerFrames(node, entry)
+        return ServerFrames(node, hit.entry, hit.sample)
 
     return open_

@@ -140,9 +140,10 @@ def test_http_job_reads_this_servers_frames_without_http(scan, monkeypatch):
     np.testing.assert_array_equal(client["reduced/s1/over-http/data"].read(), expected)
 
 
-def test_transform_job_takes_the_ub_from_the_scans_nexus_sample(tmp_path):
+def test_transform_job_takes_the_ub_from_the_scans_nexus_sample(tmp_path, monkeypatch):
     """No 'ub' in the parameters: the job reads it from the NXsample of the input's NeXus entry
-    (orientation_matrix = U, times B of unit_cell), over HTTP, and records where it came from."""
+    (orientation_matrix = U, times B of unit_cell), over HTTP -- or, for a job POSTed to the
+    server holding the scan, inside the server -- and records where it came from."""
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
@@ -173,6 +174,25 @@ def test_transform_job_takes_the_ub_from_the_scans_nexus_sample(tmp_path):
         np.testing.assert_allclose(product["data"].read(), direct.data, rtol=1e-12, equal_nan=True)
         assert direct.n.sum() > 0
         np.testing.assert_allclose(product.metadata["ub"], UB.from_lattice(*cell, U=u).array, rtol=1e-12)
+
+        # the same job POSTed to the server: the sample is found and read in the server
+        seen: list = []
+        scan_ub = jobs.scan_ub
+
+        def spied(node, uri):
+            seen.append(getattr(node, "nexus_sample", None))
+            return scan_ub(node, uri)
+
+        monkeypatch.setattr(jobs, "scan_ub", spied)
+        record = _http_job(url, {"operation": "transform", "inputs": [data_uri], "parameters": params,
+                                 "output": "reduced/s2/posted"})
+        assert record["state"] == "done", record
+        assert len(seen) == 1 and seen[0] is not None, "the UB was not read in the server"
+        assert set(seen[0][0]) == {"orientation_matrix", "unit_cell"}
+        posted = client["reduced/s2/posted"]
+        assert posted.metadata["ub_source"] == client["scans/s2/entry/sample"].uri
+        np.testing.assert_allclose(posted.metadata["ub"], UB.from_lattice(*cell, U=u).array, rtol=1e-12)
+        np.testing.assert_array_equal(posted["weights"].read(), direct.n)
 
         # a file without an NXsample: the job fails, saying what is missing
         write_scan(scans / "bare.nxs", frames)
