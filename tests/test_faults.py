@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import API_KEY, SQLITE, Backend, write_cbf
+from postgres import free_port
 
 HEADERS = {"Authorization": f"Apikey {API_KEY}"}
 
@@ -74,13 +74,6 @@ def _fork_server_context():
     ctx.set_forkserver_preload(["uvicorn", "tiled.config", "tiled.server.app", "tiled.catalog", "tiled.client",
                                 "tiled.commandline._catalog", "scatterbroker.server", "httpx", "numpy"])
     return ctx
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (reused by the restarted server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
@@ -397,7 +390,7 @@ def test_kill_9_during_a_job_marks_it_failed_and_leaves_no_product(tmp_path, ser
     # The server works normally: a new job writes its product to the same place.
     again = submit(url, "project", uri, {"kind": "sum"}, product)
     rec = finished(url, again)
-    assert rec["state"] == "done", rec
+    assert rec["state"] == "done", f"{rec.get('error')!r}; record: {rec}"
     assert metadata(url, product)["complete"] is True
 
 

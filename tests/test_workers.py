@@ -17,16 +17,9 @@ import httpx
 import numpy as np
 import yaml
 from conftest import API_KEY, Backend, make_frames, write_cbf
+from postgres import free_port
 
 HEADERS = {"Authorization": f"Apikey {API_KEY}"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _workers(pid: int) -> list[int]:
@@ -63,7 +56,7 @@ def test_two_workers_share_one_postgresql_catalog(tmp_path: Path, postgres) -> N
     init = subprocess.run([str(tiled), "catalog", "init", config["trees"][0]["args"]["uri"]],
                           capture_output=True, text=True, timeout=120)
     assert init.returncode == 0, init.stderr
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "uvicorn.log").open("w")
     proc = subprocess.Popen(
