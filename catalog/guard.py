@@ -17,6 +17,16 @@ catalog refuse such requests when they arrive, whatever client sent them:
   device or FIFO (HTTP 403). A path that does not exist yet is accepted when
   its location is inside a root (a scan directory the detector has not filled).
 
+It also clears storage a crash left behind. Tiled creates a new array's Zarr
+directory (under the writable storage, at the node's path) before it commits
+the node; a server killed in between (or a commit that fails) leaves a
+directory no node owns, and every later attempt to create a node at that path
+answered HTTP 500 ("An array exists in store"), so a job re-run to the same
+output could never write its product. When creating a node fails that way --
+after Tiled has checked that no node holds the path -- the directory is an
+orphan: it is moved aside to ``<name>.orphaned-<UTC time>`` (kept, for the
+operator to inspect or delete) and the node is created once more.
+
 It also works around one Tiled 0.2.20 bug that turns a valid request into an
 HTTP 500: an empty selection (``slice=0:0``) of a 2-D or larger array as
 ``application/octet-stream`` (its serializer catches ``ValueError`` but
@@ -110,6 +120,40 @@ def _as_buffer(mimetype: str, array: Any, metadata: Any) -> Any:
         return array.tobytes()
 
 
+def _storage_exists(err: BaseException) -> bool:
+    """Tiled's storage initialisation found something at the new node's location."""
+    return isinstance(err, FileExistsError) or type(err).__name__ in ("ContainsArrayError", "ContainsGroupError")
+
+
+async def _move_orphan(node: Any, key: str) -> bool:
+    """Move aside what occupies the writable-storage location of ``node``'s new child
+    ``key`` (Tiled's ``init_storage`` path: the storage URI, then the quoted path
+    segments); True if something was moved. Called only after Tiled has found no
+    node at that path, so nothing in the catalog refers to it."""
+    import datetime
+    import logging
+    from urllib.parse import quote_plus, urljoin
+
+    from tiled.utils import path_from_uri
+
+    child = [*await node.path_segments(), key]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    moved = False
+    for storage in node.context.writable_storage.values():
+        uri = getattr(storage, "uri", "")
+        if urlparse(uri).scheme != "file":
+            continue
+        where = path_from_uri(urljoin(uri + "/", "/".join(quote_plus(s) for s in child)))
+        if where.is_dir() and not where.is_symlink():
+            aside = where.with_name(f"{where.name}.orphaned-{stamp}")
+            os.rename(where, aside)
+            logging.getLogger("scatterbroker.catalog").warning(
+                "storage at %s belonged to no node (left by a crash during a write?): moved to %s",
+                where, aside)
+            moved = True
+    return moved
+
+
 @functools.lru_cache(maxsize=1)
 def _install() -> None:
     from tiled.catalog.adapter import CatalogNodeAdapter
@@ -129,6 +173,12 @@ def _install() -> None:
                 check_key(key)
             check_metadata(metadata)
             check_data_sources(data_sources, roots)
+        try:
+            return await create_node(self, structure_family, metadata, key, specs,
+                                     data_sources, *args, **kwargs)
+        except Exception as err:
+            if key is None or not _storage_exists(err) or not await _move_orphan(self, key):
+                raise
         return await create_node(self, structure_family, metadata, key, specs,
                                  data_sources, *args, **kwargs)
 

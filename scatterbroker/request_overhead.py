@@ -54,8 +54,6 @@ MAX_GENERIC_MODELS = 2000
 
 _memo: OrderedDict[tuple, Any] = OrderedDict()
 _lock = threading.Lock()
-#: memo hits and misses of :func:`memoize_dependants` (tests; a miss per request would mean it does nothing)
-stats = {"hits": 0, "misses": 0}
 
 
 def install() -> None:
@@ -94,11 +92,9 @@ def memoize_dependants() -> bool:
             hit = _memo.get(key)
             if hit is not None:
                 _memo.move_to_end(key)
-                stats["hits"] += 1
                 return hit
         built = original(**kwargs)
         with _lock:
-            stats["misses"] += 1
             _memo[key] = built
             while len(_memo) > MAX_DEPENDANTS:
                 _memo.popitem(last=False)
