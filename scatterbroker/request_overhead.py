@@ -64,7 +64,10 @@ def install() -> None:
 
 
 def _key(kwargs: dict[str, Any]) -> tuple | None:
-    key = tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in sorted(kwargs.items()))
+    # the callable by identity (two equal-comparing callables are still two dependencies);
+    # the memoized dependant holds it, so its id is not reused while the entry lives
+    key = tuple((name, id(v) if name == "call" else tuple(v) if isinstance(v, list) else v)
+                for name, v in sorted(kwargs.items()))
     try:
         hash(key)
     except TypeError:
