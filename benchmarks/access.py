@@ -78,7 +78,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 warnings.filterwarnings("ignore")
 
@@ -238,32 +238,33 @@ class Server:
         """The processes counted as the server: this one process (load.WorkersServer adds workers)."""
         return [self.proc.pid]
 
-    def memory(self) -> dict[str, float]:
-        """VmRSS and VmHWM, MB, summed over :meth:`pids` (one that has gone is skipped, unless the first)."""
-        out: dict[str, float] = {}
+    def _proc(self, name: str) -> Iterator[str]:
+        """``/proc/<pid>/<name>`` of each of :meth:`pids` (one that has gone is skipped, unless the first)."""
         for n, pid in enumerate(self.pids()):
             try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith(("VmRSS", "VmHWM")):
-                            key, value = line.split(":")
-                            out[key] = out.get(key, 0.0) + int(value.split()[0]) / 1024  # MB
+                with open(f"/proc/{pid}/{name}") as f:
+                    text = f.read()
             except OSError:
                 if n == 0:
                     raise
+                continue
+            yield text
+
+    def memory(self) -> dict[str, float]:
+        """VmRSS and VmHWM, MB, summed over :meth:`pids`."""
+        out: dict[str, float] = {}
+        for text in self._proc("status"):
+            for line in text.splitlines():
+                if line.startswith(("VmRSS", "VmHWM")):
+                    key, value = line.split(":")
+                    out[key] = out.get(key, 0.0) + int(value.split()[0]) / 1024  # MB
         return out
 
     def cpu(self) -> float:
         """CPU seconds (user + system) the server's processes (:meth:`pids`) have used so far."""
         total = 0.0
-        for n, pid in enumerate(self.pids()):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                if n == 0:
-                    raise
-                continue
+        for text in self._proc("stat"):
+            fields = text.rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
