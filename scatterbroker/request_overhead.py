@@ -1,6 +1,6 @@
-"""Static work that FastAPI and pydantic redo on every request of a Tiled server, done once.
+"""Static work that FastAPI, pydantic and Tiled redo on every request of a Tiled server, done once.
 
-Two costs showed up when the server was profiled (``py-spy``) under a loop of
+Three costs showed up when the server was profiled (``py-spy``) under a loop of
 small requests (a node's metadata, a metadata patch, a child lookup), each
 paid per request although its result never changes while the server runs:
 
@@ -57,7 +57,7 @@ _lock = threading.Lock()
 
 
 def install() -> None:
-    """Both fixes (idempotent; each is skipped if its library no longer has what it patches)."""
+    """The three fixes (idempotent; each is skipped if its library no longer has what it patches)."""
     memoize_dependants()
     keep_generic_models()
     reuse_node_aliases()
@@ -75,39 +75,48 @@ def _key(kwargs: dict[str, Any]) -> tuple | None:
     return key
 
 
+def _replace(owner: Any, name: str, make: Any) -> bool:
+    """Put ``make(original)`` in place of ``owner.name`` once; False if ``owner`` has no such name."""
+    original = getattr(owner, name, None)
+    if original is None:
+        return False
+    if getattr(original, "_scatterbroker_memo", False):
+        return True
+    replacement = make(original)
+    replacement._scatterbroker_memo = True
+    replacement.__wrapped__ = original
+    replacement.__doc__ = original.__doc__
+    setattr(owner, name, replacement)
+    return True
+
+
 def memoize_dependants() -> bool:
     """Memoize FastAPI's run-time ``get_dependant``; False if FastAPI has no such function."""
     try:
         from fastapi.dependencies import utils
     except ImportError:
         return False
-    original = getattr(utils, "get_dependant", None)
-    if original is None:
-        return False
-    if getattr(original, "_scatterbroker_memo", False):
-        return True
 
-    def get_dependant(**kwargs: Any) -> Any:
-        key = _key(kwargs)
-        if key is None:
-            return original(**kwargs)
-        with _lock:
-            hit = _memo.get(key)
-            if hit is not None:
-                _memo.move_to_end(key)
-                return hit
-        built = original(**kwargs)
-        with _lock:
-            _memo[key] = built
-            while len(_memo) > MAX_DEPENDANTS:
-                _memo.popitem(last=False)
-        return built
+    def make(original: Any) -> Any:
+        def get_dependant(**kwargs: Any) -> Any:
+            key = _key(kwargs)
+            if key is None:
+                return original(**kwargs)
+            with _lock:
+                hit = _memo.get(key)
+                if hit is not None:
+                    _memo.move_to_end(key)
+                    return hit
+            built = original(**kwargs)
+            with _lock:
+                _memo[key] = built
+                while len(_memo) > MAX_DEPENDANTS:
+                    _memo.popitem(last=False)
+            return built
 
-    get_dependant._scatterbroker_memo = True  # type: ignore[attr-defined]
-    get_dependant.__wrapped__ = original  # type: ignore[attr-defined]
-    get_dependant.__doc__ = original.__doc__
-    utils.get_dependant = get_dependant
-    return True
+        return get_dependant
+
+    return _replace(utils, "get_dependant", make)
 
 
 def keep_generic_models() -> bool:
@@ -136,23 +145,20 @@ def reuse_node_aliases() -> bool:
         from tiled.catalog import adapter, orm
     except ImportError:
         return False
-    original = getattr(adapter, "node_from_segments", None)
-    if original is None or getattr(original, "_scatterbroker_memo", False):
-        return original is not None
     chains: dict[int, list] = {}
 
-    def node_from_segments(segments: Any, root_id: int = 0) -> Any:
-        # tiled.catalog.adapter.node_from_segments (0.2.20), statement for statement
-        chain = chains.get(len(segments))
-        if chain is None:
-            chain = chains.setdefault(len(segments), [aliased(orm.Node) for _ in segments] + [orm.Node])
-        statement = select(chain[-1]).select_from(chain[0]).where(chain[0].id == root_id)
-        for i, segment in enumerate(segments):
-            parent, child = chain[i], chain[i + 1]
-            statement = statement.join(child, child.parent == parent.id).where(child.key == segment)
-        return statement
+    def make(original: Any) -> Any:
+        def node_from_segments(segments: Any, root_id: int = 0) -> Any:
+            # tiled.catalog.adapter.node_from_segments (0.2.20), statement for statement
+            chain = chains.get(len(segments))
+            if chain is None:
+                chain = chains.setdefault(len(segments), [aliased(orm.Node) for _ in segments] + [orm.Node])
+            statement = select(chain[-1]).select_from(chain[0]).where(chain[0].id == root_id)
+            for i, segment in enumerate(segments):
+                parent, child = chain[i], chain[i + 1]
+                statement = statement.join(child, child.parent == parent.id).where(child.key == segment)
+            return statement
 
-    node_from_segments._scatterbroker_memo = True  # type: ignore[attr-defined]
-    node_from_segments.__wrapped__ = original  # type: ignore[attr-defined]
-    adapter.node_from_segments = node_from_segments
-    return True
+        return node_from_segments
+
+    return _replace(adapter, "node_from_segments", make)
