@@ -189,6 +189,11 @@ def _transform_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
     return tuple(partial(_FrameRange(node, start, stop), start, params, mask=mask))
 
 
+def spec_names(node: Any) -> set[str]:
+    """The names of a node's specs (a Tiled client node or a server-side adapter)."""
+    return {getattr(s, "name", s) for s in (getattr(node, "specs", None) or ())}
+
+
 #: the NXsample fields UB.from_nexus reads
 _UB_FIELDS = {"ub_matrix", "orientation_matrix", "unit_cell", "unit_cell_abc", "unit_cell_alphabetagamma"}
 
@@ -202,9 +207,6 @@ def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
     """
     from .geometry import UB, GeometryError
 
-    def specs(n: Any) -> set[str]:
-        return {s.name for s in getattr(n, "specs", ())}
-
     known = getattr(node, "nexus_sample", None)
     if known is not None:  # read in the server at submission (scatterbroker.job_inputs.ServerFrames)
         values, sample_uri = known
@@ -213,11 +215,11 @@ def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
         except GeometryError as err:
             raise JobError(f"UB from {sample_uri}: {err}") from None
     entry = node
-    while entry.path_parts and "NXentry" not in specs(entry):
+    while entry.path_parts and "NXentry" not in spec_names(entry):
         entry = entry.parent
-    if "NXentry" in specs(entry):
+    if "NXentry" in spec_names(entry):
         for child in entry.values():
-            if "NXsample" in specs(child):
+            if "NXsample" in spec_names(child):
                 present = set(child) & _UB_FIELDS  # one listing, then only the fields there are
                 try:
                     return UB.from_nexus({k: child[k].read() for k in present}), child.uri

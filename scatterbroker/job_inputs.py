@@ -100,21 +100,18 @@ async def _sample(request: Any, path: str, auth: Any, metrics: Any) -> tuple[dic
     from tiled.structures.core import StructureFamily
 
     from .fastpath import _lookup
-    from .reduction.jobs import _UB_FIELDS
+    from .reduction.jobs import _UB_FIELDS, spec_names
 
     async def node(p: str, family: StructureFamily) -> Any:
         return await get_entry(p, ["read:metadata"], auth.principal, auth.access_tags, auth.scopes,
                                request.app.state.root_tree, auth.session_state, metrics, {family},
                                getattr(request.app.state, "access_policy", None))
 
-    def specs(n: Any) -> set[str]:
-        return {getattr(s, "name", s) for s in (getattr(n, "specs", None) or ())}
-
     parts = [p for p in path.split("/") if p]
     for depth in range(len(parts) - 1, 0, -1):  # the input's ancestors, nearest first
         where = "/".join(parts[:depth])
         entry = await node(where, StructureFamily.container)
-        if "NXentry" not in specs(entry):
+        if "NXentry" not in spec_names(entry):
             continue
         if hasattr(entry, "get_adapter") or not hasattr(entry, "keys"):
             return None  # a catalog node: its children are listed over HTTP
@@ -123,7 +120,7 @@ async def _sample(request: Any, path: str, auth: Any, metrics: Any) -> tuple[dic
                 child = await node(f"{where}/{key}", StructureFamily.container)
             except Exception:
                 continue  # not a container, or not visible to this caller: not the sample
-            if "NXsample" not in specs(child) or not hasattr(child, "keys"):
+            if "NXsample" not in spec_names(child) or not hasattr(child, "keys"):
                 continue
             values = {}
             for name in sorted(set(child.keys()) & _UB_FIELDS):
