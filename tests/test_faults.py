@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import API_KEY, SQLITE, Backend, write_cbf
+from conftest import API_KEY, SQLITE, Backend, start_server, write_cbf
 from postgres import free_port
 
 HEADERS = {"Authorization": f"Apikey {API_KEY}"}
@@ -402,8 +402,6 @@ def test_storage_left_by_a_crash_does_not_block_its_path(tmp_path):
     ten: its re-run job answered 500 "An array exists in store".)"""
     import zarr
     from tiled.client import from_uri
-
-    from conftest import start_server
 
     data = tmp_path / "db"
     with start_server(data, []) as url:
