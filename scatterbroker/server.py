@@ -192,13 +192,18 @@ def release_large_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def build_app(config: Any):
+def build_app(config: Any, *, response_cache: bool | None = None):
     """The ASGI app for a config dict, a parsed Tiled ``Config``, or a YAML file/directory.
 
     Also sets the process's allocator to give frame-sized buffers back
     (:func:`release_large_buffers`), and has FastAPI build each route's
     dependencies and response models once instead of on every request
     (:mod:`scatterbroker.request_overhead`).
+
+    ``response_cache`` keeps answers of Tiled's read routes until a write
+    touches their node (:mod:`scatterbroker.response_cache`): right only when
+    every write reaches this one process. Default: ``$SCATTERBROKER_RESPONSE_CACHE``
+    if set, else on (:func:`app_factory`, for several workers, turns it off).
     """
     release_large_buffers()
     request_overhead.install()
@@ -213,8 +218,11 @@ def build_app(config: Any):
     # Requests to the fast data route skip Tiled's middleware stack (see
     # scatterbroker.fastpath.FastLane); everything else is Tiled's app.
     from .fastpath import FastLane
+    from .response_cache import ResponseCache, enabled_by_default
 
-    app.add_middleware(FastLane)
+    if response_cache if response_cache is not None else enabled_by_default(one_process=True):
+        app.add_middleware(ResponseCache)
+    app.add_middleware(FastLane)  # added last: outermost
     app.add_exception_handler(OSError, _storage_full)
     return app
 
@@ -253,7 +261,11 @@ def app_factory():
             uvicorn --factory scatterbroker.server:app_factory --workers 4 --port 8000
         # or: gunicorn -k uvicorn.workers.UvicornWorker -w 4 'scatterbroker.server:app_factory()'
     """
-    return build_app(os.environ.get("SCATTERBROKER_CONFIG") or os.environ.get("TILED_CONFIG", "config.yml"))
+    from .response_cache import enabled_by_default
+
+    # Each worker sees only its own writes: no worker may replay answers (unless told to).
+    return build_app(os.environ.get("SCATTERBROKER_CONFIG") or os.environ.get("TILED_CONFIG", "config.yml"),
+                     response_cache=enabled_by_default(one_process=False))
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from scatterbroker.server import build_app, local_config
 
 config = local_config(Path(tempfile.mkdtemp()) / "data", [], api_key="k")
 if sys.argv[1] == "scatterbroker":
-    app = build_app(config)
+    app = build_app(config, response_cache=False)  # replayed answers would do no work at all
 else:
     from tiled.server.app import build_app_from_config
     app = build_app_from_config(config)

@@ -1,0 +1,314 @@
+"""Answers of Tiled's read routes, replayed to the same principal until a write touches their node.
+
+A catalog under many clients is read far more often than it is written: live
+displays poll a scan's ``frames`` metadata and ``headers`` table, browsers list
+the same containers. Each such answer costs Tiled 15-50 ms of CPU in the one
+event-loop thread that runs its SQLAlchemy ORM (docs/performance.md, "Load"),
+so 32 clients saturate a server at ~30 requests/s. :class:`ResponseCache` is an
+ASGI middleware in front of Tiled's app that keeps the bodies of successful
+``GET`` answers of the node routes (``/metadata``, ``/search``,
+``/array/full``, ``/table/full``, ...) and replays one when the same request
+comes again:
+
+* **Per principal.** Every request, hit or miss, first runs Tiled's own
+  authentication dependencies (:func:`scatterbroker.fastpath._authorize`: API
+  key or token, scopes, access tags; a revoked key is refused at once). An
+  answer is replayed only to a request with the same principal, scopes, access
+  tags and session state, for the same URL and the same request headers
+  (``Accept``, ``Accept-Encoding``, ``Host``, ...; not ``Authorization``,
+  ``Cookie``), so the access policy's decision is the one taken for it.
+* **Invalidated by writes.** Every other method (``POST``, ``PUT``,
+  ``PATCH``, ``DELETE``) that passes through marks its node path when it
+  arrives and again when it has answered. An answer about node *Q*, stored
+  from a request that started before such a mark, is dropped if the write was
+  at *Q* or below it (a child created, a frame appended, a table row added: a
+  listing of *Q* shows them) or exactly at an ancestor of *Q* (metadata and
+  access of the ancestor, a deleted subtree). A write whose node cannot be
+  told from its URL (``/jobs``, ``/auth``, ...) drops everything. A read that
+  overlapped a write is therefore never kept.
+* **One process.** Only writes through this process are seen, so the cache
+  is on for ``scatterbroker serve`` and :func:`scatterbroker.server.build_app`
+  (one process) and off in :func:`scatterbroker.server.app_factory` (several
+  workers), unless ``SCATTERBROKER_RESPONSE_CACHE`` says otherwise. Answers
+  are also forgotten after ``SCATTERBROKER_RESPONSE_CACHE_TTL`` seconds (10):
+  the bound on staleness if something writes the catalog database around
+  the server.
+* **Not cached**: conditional requests (``If-None-Match`` etc.: Tiled answers
+  304 itself), ``Cache-Control: no-cache``, browser requests (``Origin``:
+  CORS), ``HEAD``, answers other than 200, answers setting cookies (but
+  Tiled's CSRF cookie, which a replay sets afresh, as Tiled does, to a
+  request without one), and
+  bodies larger than ``SCATTERBROKER_RESPONSE_CACHE_ITEM`` bytes (1 MiB: whole
+  frames are not kept, their cost is the read; the fast route serves those).
+  The whole cache holds at most ``SCATTERBROKER_RESPONSE_CACHE_BYTES`` (64
+  MiB), least recently used first out.
+
+A replayed answer is the stored one, byte for byte (status, headers, body),
+without Tiled's ``Server-Timing``, with a request id of its own
+(``X-Tiled-Request-ID``) and with ``X-SB-Cache: hit``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from tiled.server.app import CSRF_COOKIE_NAME
+
+__all__ = ["ResponseCache", "enabled_by_default"]
+
+API = "/api/v1/"
+#: GET routes whose answers are kept, with the scopes Tiled requires for them
+READ_ROUTES = {
+    "metadata": ["read:metadata"],
+    "search": ["read:metadata"],
+    "array/full": ["read:data"],
+    "array/block": ["read:data"],
+    "table/full": ["read:data"],
+    "table/partition": ["read:data"],
+    "container/full": ["read:data"],
+    "node/full": ["read:data"],
+}
+#: every route (any method) whose URL is ``{API}{route}/{node path}``
+NODE_ROUTES = (*READ_ROUTES, "search-deep", "distinct", "ragged/full", "ragged/block",
+               "awkward/full", "awkward/buffers", "register", "data_source", "revisions",
+               "asset/bytes", "asset/manifest", "asset", "stream/close", "sb/frames", "sb/info")
+#: request headers that do not enter the key (the principal stands for the first two)
+UNKEYED = {b"authorization", b"cookie", b"connection", b"keep-alive", b"x-tiled-request-id"}
+#: request headers that make a request bypass the cache
+BYPASS = {b"origin", b"if-none-match", b"if-modified-since", b"if-match", b"range"}
+#: response headers not replayed (the request id is the new request's, as Tiled makes it)
+REQUEST_ID = b"x-tiled-request-id"
+UNREPLAYED = {b"server-timing", REQUEST_ID, b"set-cookie"}
+#: written paths remembered before everything is dropped and they are forgotten
+MAX_MARKS = 100_000
+
+
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    return float(text) if text else default
+
+
+def enabled_by_default(one_process: bool) -> bool:
+    """``SCATTERBROKER_RESPONSE_CACHE`` (1/0) if set, else whether the server is one process."""
+    text = os.environ.get("SCATTERBROKER_RESPONSE_CACHE", "").strip().lower()
+    if text:
+        return text not in ("0", "false", "no", "off")
+    return one_process
+
+
+def _split(path: str, routes: Any) -> tuple[str, str] | None:
+    """(route, node path) of an API path, or None if it is not ``{API}{route}/...``."""
+    if not path.startswith(API):
+        return None
+    rest = path[len(API):]
+    for route in routes:
+        if rest.startswith(route + "/") or rest == route:
+            return route, rest[len(route) + 1:].strip("/")
+    return None
+
+
+def _csrf_cookie() -> tuple[bytes, bytes]:
+    """A new CSRF cookie header, made as Tiled's ``double_submit_cookie_csrf_protection`` makes it."""
+    response = Response()
+    response.set_cookie(key=CSRF_COOKIE_NAME, value=secrets.token_urlsafe(32), httponly=True, samesite="lax")
+    return response.raw_headers[-1]
+
+
+def _ancestors(node: str) -> list[str]:
+    """Strict ancestors of a node path, the root ("") first."""
+    parts = node.split("/") if node else []
+    return ["/".join(parts[:i]) for i in range(len(parts))]
+
+
+@dataclass
+class _Answer:
+    start: int  # the write tick when its request arrived
+    born: float  # time.monotonic() when stored
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    node: str
+
+
+class ResponseCache:
+    """ASGI middleware: see the module docstring.
+
+    ``max_bytes`` bounds the bodies kept, ``item_bytes`` one body, ``ttl`` the
+    seconds an answer is kept at most. ``stats`` counts hits, misses (answers
+    stored), passes (requests not eligible) and invalidating writes.
+    """
+
+    def __init__(self, app: Any, max_bytes: int | None = None, item_bytes: int | None = None,
+                 ttl: float | None = None) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes if max_bytes is not None
+                             else _env_number("SCATTERBROKER_RESPONSE_CACHE_BYTES", 64 << 20))
+        self.item_bytes = int(item_bytes if item_bytes is not None
+                              else _env_number("SCATTERBROKER_RESPONSE_CACHE_ITEM", 1 << 20))
+        self.ttl = float(ttl if ttl is not None else _env_number("SCATTERBROKER_RESPONSE_CACHE_TTL", 10))
+        self._answers: OrderedDict[tuple, _Answer] = OrderedDict()
+        self._bytes = 0
+        # Writes: a tick counts their arrivals and ends; a node path maps to the
+        # last tick of a write exactly at it (_at) and at it or below it (_under).
+        self._tick = 0
+        self._all = 0
+        self._at: dict[str, int] = {}
+        self._under: dict[str, int] = {}
+        self.stats = {"hit": 0, "miss": 0, "pass": 0, "write": 0}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        if method == "GET":
+            await self._read(scope, receive, send)
+        elif method in ("HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+        else:
+            self.stats["write"] += 1
+            split = _split(scope["path"], NODE_ROUTES)
+            node = None if split is None else split[1]
+            await self._write(node, scope, receive, send)
+
+    # ------------------------------------------------------------- writes
+
+    async def _write(self, node: str | None, scope: dict, receive: Any, send: Any) -> None:
+        """Mark ``node`` when the write arrives and when it answers (it has committed by then:
+        a read the client sends after the answer must not be dropped), or when it fails."""
+        answered = False
+
+        async def mark_on_answer(message: dict) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start" and not answered:
+                answered = True
+                self._mark(node)
+            await send(message)
+
+        self._mark(node)
+        try:
+            await self.app(scope, receive, mark_on_answer)
+        finally:
+            if not answered:
+                self._mark(node)
+
+    def _mark(self, node: str | None) -> None:
+        self._tick += 1
+        if node is None or len(self._under) > MAX_MARKS:
+            self._all = self._tick
+            self._at.clear()
+            self._under.clear()
+            self._answers.clear()
+            self._bytes = 0
+            return
+        self._at[node] = self._tick
+        for path in (*_ancestors(node), node):
+            self._under[path] = self._tick
+
+    def _stale(self, answer: _Answer) -> bool:
+        start = answer.start
+        if self._all > start or self._under.get(answer.node, 0) > start:
+            return True
+        if time.monotonic() - answer.born > self.ttl:
+            return True
+        return any(self._at.get(path, 0) > start for path in _ancestors(answer.node))
+
+    # -------------------------------------------------------------- reads
+
+    async def _read(self, scope: dict, receive: Any, send: Any) -> None:
+        split = _split(scope["path"], READ_ROUTES)
+        headers = scope.get("headers") or ()
+        if split is None or any(name in BYPASS for name, _ in headers) or any(
+                name == b"cache-control" and b"no-" in value.lower() for name, value in headers):
+            self.stats["pass"] += 1
+            await self.app(scope, receive, send)
+            return
+        route, node = split
+        from .fastpath import _authorize, _who
+
+        # Our own Request on a copy of the scope: what it puts in request.state
+        # must not reach Tiled's app if the request goes on there.
+        request = Request({**scope, "state": dict(scope.get("state") or {})}, receive)
+        request.state.cookies_to_set = []
+        request.state.principal = None
+        try:
+            auth = await _authorize(request, READ_ROUTES[route])
+        except Exception:  # 401/403 and anything else: Tiled answers it, with its own message
+            auth = None
+        if auth is None or request.state.cookies_to_set:
+            self.stats["pass"] += 1
+            await self.app(scope, receive, send)
+            return
+        key = (scope["path"], scope.get("query_string", b""), _who(auth),
+               tuple(sorted((n, v) for n, v in headers if n not in UNKEYED)))
+        answer = self._answers.get(key)
+        if answer is not None:
+            if not self._stale(answer):
+                self._answers.move_to_end(key)
+                self.stats["hit"] += 1
+                await self._replay(answer, headers, CSRF_COOKIE_NAME in request.cookies, send)
+                return
+            self._drop(key)
+        await self._fill(key, node, scope, receive, send)
+
+    async def _replay(self, answer: _Answer, request_headers: Any, has_csrf: bool, send: Any) -> None:
+        ids = [v for n, v in request_headers if n == REQUEST_ID]
+        out = [*answer.headers, (REQUEST_ID, ids[0] if ids else secrets.token_hex(8).encode()),
+               (b"x-sb-cache", b"hit")]
+        if not has_csrf:
+            out.append(_csrf_cookie())
+        await send({"type": "http.response.start", "status": answer.status, "headers": out})
+        await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+
+    async def _fill(self, key: tuple, node: str, scope: dict, receive: Any, send: Any) -> None:
+        start = self._tick
+        head: dict = {}
+        parts: list[bytes] = []
+        size = 0
+        keep = True
+
+        async def capture(message: dict) -> None:
+            nonlocal size, keep
+            if message["type"] == "http.response.start":
+                head.update(message)
+                cookies = [v for n, v in message.get("headers") or () if n.lower() == b"set-cookie"]
+                keep = keep and message["status"] == 200 and all(
+                    v.startswith(CSRF_COOKIE_NAME.encode() + b"=") for v in cookies)
+            elif message["type"] == "http.response.body" and keep:
+                body = message.get("body", b"")
+                size += len(body)
+                if size > self.item_bytes:
+                    keep = False
+                    parts.clear()
+                else:
+                    parts.append(bytes(body))
+                if not message.get("more_body", False) and keep:
+                    self._store(key, _Answer(
+                        start, time.monotonic(), head["status"],
+                        [(n, v) for n, v in head.get("headers") or () if n.lower() not in UNREPLAYED],
+                        b"".join(parts), node))
+            await send(message)
+
+        self.stats["miss"] += 1
+        await self.app(scope, receive, capture)
+
+    def _store(self, key: tuple, answer: _Answer) -> None:
+        if self._stale(answer):
+            return  # a write overlapped this request: its answer may be either side of it
+        self._drop(key)
+        self._answers[key] = answer
+        self._bytes += len(answer.body)
+        while self._bytes > self.max_bytes and self._answers:
+            self._drop(next(iter(self._answers)))
+
+    def _drop(self, key: tuple) -> None:
+        answer = self._answers.pop(key, None)
+        if answer is not None:
+            self._bytes -= len(answer.body)

@@ -1,0 +1,153 @@
+"""Answers of Tiled's read routes are replayed (scatterbroker.response_cache), never stale,
+never to another principal, and never past a refused key.
+
+A real server on loopback, written to through Tiled's client; every read that
+follows a write must see the write. (Per-proposal keys: test_keys's
+``test_a_proposal_key_sees_only_its_proposal`` lists the same container with
+two keys that see different children, against a server with the cache on.)
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import API_KEY
+
+from scatterbroker.response_cache import ResponseCache, enabled_by_default
+from scatterbroker.server import build_app, local_config, serve_in_thread
+
+HIT = "x-sb-cache"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("cache")
+    app = build_app(local_config(data / "data", [], api_key=API_KEY))
+    with serve_in_thread(app) as url:
+        yield url
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def top(server, request):
+    from tiled.client import from_uri
+
+    return from_uri(server, api_key=API_KEY).create_container(request.node.name.replace("[", "_")[:40])
+
+
+def twice(http: httpx.Client, path: str, **kw) -> httpx.Response:
+    """Read ``path`` twice; the second must be a replay of the first, byte for byte."""
+    first = http.get(path, **kw)
+    second = http.get(path, **kw)
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert second.headers.get(HIT) == "hit", (path, dict(second.headers))
+    assert second.content == first.content
+    for name in ("content-type", "etag", "content-encoding"):
+        assert second.headers.get(name) == first.headers.get(name), name
+    assert second.headers["x-tiled-request-id"] != first.headers["x-tiled-request-id"]
+    return second
+
+
+def test_a_repeated_read_is_replayed_as_it_was(http, top):
+    top.create_container("a", metadata={"sample": "Si", "temperature_K": 300})
+    name = top.item["id"]
+    assert HIT not in http.get(f"metadata/{name}/a").headers  # a new answer: the write dropped it
+    assert twice(http, f"metadata/{name}/a").json()["data"]["attributes"]["metadata"]["sample"] == "Si"
+    listing = twice(http, f"search/{name}", params={"page[limit]": 10})
+    assert [d["id"] for d in listing.json()["data"]] == ["a"]
+    # msgpack and JSON are different answers to different Accept headers
+    packed = twice(http, f"metadata/{name}/a", headers={"Accept": "application/x-msgpack"})
+    assert packed.headers["content-type"].startswith("application/x-msgpack")
+
+
+def test_every_write_is_seen_by_the_next_read(http, top):
+    name = top.item["id"]
+    twice(http, f"search/{name}")
+    # a child created: the parent's listing shows it
+    child = top.create_container("new", metadata={"n": 1})
+    listing = http.get(f"search/{name}")
+    assert HIT not in listing.headers and [d["id"] for d in listing.json()["data"]] == ["new"]
+    # the child's metadata changed: its own metadata and the parent's listing show it
+    twice(http, f"metadata/{name}/new")
+    twice(http, f"search/{name}")
+    child.update_metadata(metadata={"n": 2})
+    assert http.get(f"metadata/{name}/new").json()["data"]["attributes"]["metadata"]["n"] == 2
+    assert http.get(f"search/{name}").json()["data"][0]["attributes"]["metadata"]["n"] == 2
+    # a subtree deleted from above: what was read below it is gone
+    child.create_container("deep").create_container("deeper")
+    twice(http, f"metadata/{name}/new/deep/deeper")
+    child.delete(recursive=True)  # DELETE at new: deep and deeper go with it
+    assert http.get(f"metadata/{name}/new/deep/deeper").status_code == 404
+    assert http.get(f"search/{name}").json()["data"] == []
+
+
+def test_array_and_table_writes_are_seen(http, top):
+    name = top.item["id"]
+    arr = top.write_array(np.arange(12, dtype="int32").reshape(3, 4), key="frames")
+    octet = {"Accept": "application/octet-stream"}
+    got = twice(http, f"array/full/{name}/frames", headers=octet)
+    assert np.array_equal(np.frombuffer(got.content, "int32"), np.arange(12))
+    arr.write(np.full((3, 4), 7, dtype="int32"))
+    again = http.get(f"array/full/{name}/frames", headers=octet)
+    assert HIT not in again.headers and set(np.frombuffer(again.content, "int32")) == {7}
+    # an array that grows (the watcher extends a live scan's frames): new shape, new rows
+    twice(http, f"metadata/{name}/frames")
+    arr.patch(np.full((1, 4), 9, dtype="int32"), offset=(3,), extend=True)
+    assert http.get(f"metadata/{name}/frames").json()["data"]["attributes"]["structure"]["shape"] == [4, 4]
+    # a table with rows appended (a scan's headers, one row per frame)
+    table = top.create_appendable_table(pa.schema([("frame", pa.int64())]), key="headers")
+    table.append_partition(0, pa.table({"frame": [0, 1]}))
+    assert twice(http, f"table/full/{name}/headers", headers={"Accept": "application/json"}).json() == {
+        "frame": [0, 1]}
+    table.append_partition(0, pa.table({"frame": [2]}))
+    assert http.get(f"table/full/{name}/headers", headers={"Accept": "application/json"}).json() == {
+        "frame": [0, 1, 2]}
+
+
+def test_a_replayed_answer_needs_a_valid_key(server, http, top):
+    name = top.item["id"]
+    twice(http, f"metadata/{name}")
+    assert httpx.get(f"{server}/api/v1/metadata/{name}").status_code == 401
+    wrong = httpx.get(f"{server}/api/v1/metadata/{name}", headers={"Authorization": "Apikey " + "ab" * 16})
+    assert wrong.status_code == 401
+    assert http.get(f"metadata/{name}").headers.get(HIT) == "hit"
+
+
+def test_conditional_requests_and_large_answers_go_to_tiled(http, top):
+    name = top.item["id"]
+    noise = np.random.default_rng(0).random((600, 600))  # 2.9 MB, incompressible: > 1 MiB sent
+    top.write_array(noise, key="big")
+    octet = {"Accept": "application/octet-stream"}
+    for _ in range(2):
+        r = http.get(f"array/full/{name}/big", headers=octet)
+        assert r.status_code == 200 and HIT not in r.headers
+    top.write_array(np.ones(4), key="small")
+    first = twice(http, f"array/full/{name}/small", headers=octet)
+    etag = first.headers["etag"]
+    r = http.get(f"array/full/{name}/small", headers={**octet, "If-None-Match": etag})
+    assert r.status_code == 304 and HIT not in r.headers
+    r = http.get(f"array/full/{name}/small", headers={**octet, "Cache-Control": "no-cache"})
+    assert r.status_code == 200 and HIT not in r.headers
+
+
+def test_off_for_several_workers_unless_asked(monkeypatch, tmp_path):
+    monkeypatch.delenv("SCATTERBROKER_RESPONSE_CACHE", raising=False)
+    assert enabled_by_default(one_process=True) and not enabled_by_default(one_process=False)
+    monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE", "0")
+    assert not enabled_by_default(one_process=True)
+    monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE", "1")
+    assert enabled_by_default(one_process=False)
+    app = build_app(local_config(tmp_path / "data", [], api_key=API_KEY), response_cache=False)
+    assert not any(m.cls is ResponseCache for m in app.user_middleware)
+    with serve_in_thread(app) as url, httpx.Client(
+            base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
+        for _ in range(2):
+            assert HIT not in http.get("metadata/").headers
