@@ -67,6 +67,11 @@ Every request of the load is timed from sending to its last byte received
 the wrong length, or an exception (timeouts included, ``--timeout`` 30 s).
 A task starts no new operation after the deadline; those in flight finish
 and count. Requests/s = requests / (first sent to last received).
+*Replayed* is the share of answers the server took from its response cache
+(``X-SB-Cache: hit``, :mod:`scatterbroker.response_cache`): this data set is
+small (20-frame scans), so a frame Tiled compresses below the cache's 1 MiB
+item limit is replayed more often here than in a beamline's catalog.
+``SCATTERBROKER_RESPONSE_CACHE=0`` in the environment runs the server without it.
 
 Sampled every second: the server's VmRSS, thread count and CPU time
 (``/proc/<pid>``), the watcher's CPU time and its status line (frames,
@@ -203,12 +208,15 @@ class Recorder:
     status: list[int] = field(default_factory=list)
     nbytes: list[int] = field(default_factory=list)
     failed: list[bool] = field(default_factory=list)
+    replayed: list[bool] = field(default_factory=list)  # answered from the server's response cache
     errors: dict[str, int] = field(default_factory=dict)  # "kind: message" -> count
     first_errors: list[str] = field(default_factory=list)
     newest: list[tuple[float, int]] = field(default_factory=list)  # (wall time sent, frames listed)
 
-    def add(self, kind: str, start: float, latency: float, status: int, nbytes: int, error: str | None) -> None:
+    def add(self, kind: str, start: float, latency: float, status: int, nbytes: int, error: str | None,
+            replayed: bool = False) -> None:
         self.kind.append(kind)
+        self.replayed.append(replayed)
         self.start.append(start - self.t0)
         self.latency.append(latency)
         self.status.append(status)
@@ -234,11 +242,12 @@ async def get(http: Any, rec: Recorder, kind: str, url: str, params: dict[str, A
     route says ``codec: none``); another length is an error.
     """
     body = bytearray()
-    n, error, status = 0, None, -1
+    n, error, status, replayed = 0, None, -1, False
     t = time.perf_counter()
     try:
         async with http.stream("GET", url, params=params, headers=headers) as r:
             status = r.status_code
+            replayed = r.headers.get("x-sb-cache") == "hit"
             ok = 200 <= status < 300
             if keep and ok:  # a body to parse: decoded (the server may gzip JSON)
                 async for chunk in r.aiter_bytes():
@@ -255,7 +264,7 @@ async def get(http: Any, rec: Recorder, kind: str, url: str, params: dict[str, A
             error = f"{status} but {n} bytes, {expect} expected"
     except Exception as err:  # an error of this request, counted
         error = f"{type(err).__name__}: {str(err)[:160]}"
-    rec.add(kind, t, time.perf_counter() - t, status, n, error)
+    rec.add(kind, t, time.perf_counter() - t, status, n, error, replayed)
     return bytes(body) if keep and error is None else None
 
 
@@ -721,12 +730,13 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> None:
     lat = np.array(rec.latency)
     ok = ~np.array(rec.failed, dtype=bool)
     nbytes = np.array(rec.nbytes, dtype=float)
+    replayed = np.array(rec.replayed, dtype=bool)
     n = len(rec.kind)
     errors = int((~ok).sum())
     overall = stats_ms(rec.latency)
     print()
     print(f"{'kind':<12}{'requests':>9}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-          f"{'errors':>8}{'MB/s':>8}")
+          f"{'errors':>8}{'MB/s':>8}{'replayed':>10}")
     per_kind: dict[str, Any] = {}
     for kind in [*RECORDED, "all"]:
         sel = np.ones(n, bool) if kind == "all" else kinds == kind
@@ -735,9 +745,11 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> None:
         s = stats_ms(list(lat[sel]))
         row = per_kind[kind] = {"requests": int(sel.sum()), "req_per_s": _r(sel.sum() / span, 1),
                                 **{k: _r(v, 1) for k, v in s.items()}, "errors": int((~ok[sel]).sum()),
-                                "MB_per_s": _r(nbytes[sel].sum() / 1e6 / span, 1)}
+                                "MB_per_s": _r(nbytes[sel].sum() / 1e6 / span, 1),
+                                "replayed": _r(replayed[sel].mean(), 3)}
         print(f"{kind:<12}{row['requests']:>9}{sel.sum() / span:>8.1f}{_ms(s['p50']):>9}{_ms(s['p95']):>9}"
-              f"{_ms(s['p99']):>9}{_ms(s['max']):>9}{row['errors']:>8}{nbytes[sel].sum() / 1e6 / span:>8.1f}")
+              f"{_ms(s['p99']):>9}{_ms(s['max']):>9}{row['errors']:>8}{nbytes[sel].sum() / 1e6 / span:>8.1f}"
+              f"{100 * replayed[sel].mean():>9.0f}%")
     print(f"{n} requests in {span:.1f} s: {n / span:.1f} requests/s; latency = request sent to last byte received")
 
     # -- timeline
