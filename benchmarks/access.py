@@ -206,7 +206,7 @@ import sys, uvicorn
 from pathlib import Path
 from scatterbroker.server import build_app, local_config
 data_dir, root, port, key = sys.argv[1:5]
-app = build_app(local_config(Path(data_dir), [Path(root)], api_key=key))
+app = build_app(local_config(Path(data_dir), [Path(root)], api_key=key), freeze_gc=True)  # as serve does
 uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
 """
 

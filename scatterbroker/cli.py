@@ -89,14 +89,14 @@ def serve(
                 f"{config} allows anonymous reads, so it may only bind to loopback, not {host}"
             )
         demo = demo or parsed.authentication.allow_anonymous_access
-        web_app = build_app(parsed)
+        web_app = build_app(parsed, freeze_gc=True)
     else:
         if demo:
             from .demo import write_demo
 
             demo_dir = write_demo(data_dir / "demo")
             directories += [demo_dir / "raw", demo_dir / "scans", demo_dir / "wrappers"]
-        web_app = build_app(local_config(data_dir, directories, api_key=api_key, public=demo))
+        web_app = build_app(local_config(data_dir, directories, api_key=api_key, public=demo), freeze_gc=True)
     _run(web_app, host, port, api_key, directories, public=demo)
 
 

@@ -44,3 +44,29 @@ def test_freed_frames_go_back_to_the_system(tmp_path):
     if plain < 5:
         pytest.skip(f"this C library gives freed 10 MB blocks back by itself (kept {plain:.1f} MB)")
     assert retained_mb("server", tmp_path) < 2, "a process serving scatterbroker keeps freed frames"
+
+
+FROZEN = """
+import gc, sys, tempfile
+from pathlib import Path
+from fastapi.testclient import TestClient
+from scatterbroker.server import build_app, local_config
+
+app = build_app(local_config(Path(tempfile.mkdtemp()) / "data", [], api_key="k"),
+                freeze_gc=sys.argv[1] == "freeze")
+before = gc.get_freeze_count()
+with TestClient(app) as client:  # runs the app's start-up
+    assert client.get("/api/v1/metadata/", headers={"Authorization": "Apikey k"}).status_code == 200
+    print(before, gc.get_freeze_count())
+"""
+
+
+@pytest.mark.parametrize("mode", ["freeze", "plain"])
+def test_serving_processes_freeze_what_start_up_made(mode, tmp_path):
+    out = subprocess.run([sys.executable, "-c", FROZEN, mode], capture_output=True, text=True,
+                         timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = map(int, out.stdout.split()[-2:])
+    assert before == 0
+    # a started server holds a few hundred thousand objects: frozen only when asked
+    assert (after > 100_000) if mode == "freeze" else (after == 0), (before, after)
