@@ -57,7 +57,7 @@ from tiled.structures.core import Spec, StructureFamily
 from tiled.utils import IndexersMixin, path_from_uri
 
 from ..errors import BrokenLink, OutsideRoots, RequestTooLarge, ScatterbrokerError, UnreadableFile
-from .roots import Roots, confine, normalize_roots
+from .roots import Roots, confine, file_stamp, normalize_roots, note_read
 from . import sequence as _sequence  # its MAX_READ_BYTES: one limit for every read
 from .units import put, to_canonical
 
@@ -103,7 +103,8 @@ class _OpenFiles:
             st = os.stat(path)
         except OSError as err:
             raise BrokenLink(f"{path}: {err.strerror}") from None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        note_read(path, st)  # a cached handle is used without confine(): record it here
+        return file_stamp(st)
 
     def get(self, path: Path) -> h5py.File:
         stamp, key = self.stamp(path), str(path)

@@ -11,11 +11,29 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable
+from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import BrokenLink, OutsideRoots
 
 Roots = tuple[Path, ...]
+
+#: A list while someone wants to know which files the current request reads
+#: (``scatterbroker.response_cache``: an answer that came from files is replayed
+#: only while they are unchanged); every file confined or opened is added to it.
+files_read: ContextVar[list | None] = ContextVar("scatterbroker_files_read", default=None)
+
+
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies a file's content without reading it: device, inode, size, mtime (ns)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def note_read(path: str | os.PathLike[str], st: os.stat_result) -> None:
+    """Record that the current request reads ``path`` as it is now (see :data:`files_read`)."""
+    seen = files_read.get()
+    if seen is not None:
+        seen.append((os.fspath(path), file_stamp(st)))
 
 
 def normalize_roots(roots: Iterable[str | os.PathLike[str]]) -> Roots:
@@ -81,7 +99,9 @@ def confine(
         raise OutsideRoots(
             f"{what} {raw!r} resolves to {resolved}, outside the readable roots"
         )
-    mode = resolved.stat().st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    st = resolved.stat()
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise OutsideRoots(f"{what} {raw!r} is not a regular file ({resolved})")
+    if stat.S_ISREG(st.st_mode):
+        note_read(resolved, st)
     return resolved

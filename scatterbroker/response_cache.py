@@ -26,6 +26,13 @@ comes again:
   access of the ancestor, a deleted subtree). A write whose node cannot be
   told from its URL (``/jobs``, ``/auth``, ...) drops everything. A read that
   overlapped a write is therefore never kept.
+* **Files unchanged.** Answers that came from files (frames, the groups and
+  datasets inside a registered HDF5/NeXus file) depend on more than the
+  catalog: the adapters record each file they confine or open, with its
+  device, inode, size and modification time taken before reading it
+  (:data:`scatterbroker.adapters.roots.files_read`), and an answer is replayed
+  only while every one of them still stats the same. A file replaced or
+  grown on disk is read afresh at once.
 * **One process.** Only writes through this process are seen, so the cache
   is on for ``scatterbroker serve`` and :func:`scatterbroker.server.build_app`
   (one process) and off in :func:`scatterbroker.server.app_factory` (several
@@ -58,6 +65,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
+
+from .adapters.roots import file_stamp, files_read
 from starlette.responses import Response
 from tiled.server.app import CSRF_COOKIE_NAME
 
@@ -114,6 +123,17 @@ def _split(path: str, routes: Any) -> tuple[str, str] | None:
     return None
 
 
+def _unchanged(files: tuple[tuple[str, tuple[int, ...]], ...]) -> bool:
+    """True if every file is still what it was (same device, inode, size and mtime)."""
+    for path, stamp in files:
+        try:
+            if file_stamp(os.stat(path)) != stamp:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def _csrf_cookie() -> tuple[bytes, bytes]:
     """A new CSRF cookie header, made as Tiled's ``double_submit_cookie_csrf_protection`` makes it."""
     response = Response()
@@ -135,6 +155,7 @@ class _Answer:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     node: str
+    files: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (path, stamp) of each file read
 
 
 class ResponseCache:
@@ -218,7 +239,9 @@ class ResponseCache:
             return True
         if time.monotonic() - answer.born > self.ttl:
             return True
-        return any(self._at.get(path, 0) > start for path in _ancestors(answer.node))
+        if any(self._at.get(path, 0) > start for path in _ancestors(answer.node)):
+            return True
+        return not _unchanged(answer.files)
 
     # -------------------------------------------------------------- reads
 
@@ -293,11 +316,17 @@ class ResponseCache:
                     self._store(key, _Answer(
                         start, time.monotonic(), head["status"],
                         [(n, v) for n, v in head.get("headers") or () if n.lower() not in UNREPLAYED],
-                        b"".join(parts), node))
+                        b"".join(parts), node, tuple(dict(files).items())))
             await send(message)
 
         self.stats["miss"] += 1
-        await self.app(scope, receive, capture)
+        # The adapters add every file they confine or open (stamped before reading it).
+        files: list = []
+        token = files_read.set(files)
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            files_read.reset(token)
 
     def _store(self, key: tuple, answer: _Answer) -> None:
         if self._stale(answer):

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import API_KEY
+from conftest import API_KEY, make_frames, start_server, write_cbf
 
 from scatterbroker.response_cache import ResponseCache, enabled_by_default
 from scatterbroker.server import build_app, local_config, serve_in_thread
@@ -136,6 +136,41 @@ def test_conditional_requests_and_large_answers_go_to_tiled(http, top):
     assert r.status_code == 304 and HIT not in r.headers
     r = http.get(f"array/full/{name}/small", headers={**octet, "Cache-Control": "no-cache"})
     assert r.status_code == 200 and HIT not in r.headers
+
+
+def test_files_changed_on_disk_are_read_afresh(tmp_path):
+    """Raw files should not change, but a file replaced or grown in place must not be
+    answered from before: answers that came from files are replayed only while they stat the same."""
+    import h5py
+    from tiled.client import from_uri
+
+    from scatterbroker.catalog.register import register
+
+    d = tmp_path / "d"
+    d.mkdir()
+    frames = make_frames(3, seed=7)
+    with h5py.File(d / "grow.h5", "w") as f:
+        f.create_dataset("data", data=frames[:2])
+    write_cbf(d / "one.cbf", frames[0])
+    with start_server(tmp_path / "db", [d]) as url, httpx.Client(
+            base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
+        register(from_uri(url, api_key=API_KEY), d, prefix="d")
+        octet = {"Accept": "application/octet-stream"}
+        shape = twice(http, "metadata/d/grow/data").json()["data"]["attributes"]["structure"]["shape"]
+        assert shape == [2, *frames.shape[1:]]
+        cbf = sorted(n for n in from_uri(url, api_key=API_KEY)["d"] if n != "grow")[0]
+        got = twice(http, f"array/full/d/{cbf}", headers=octet)
+        assert np.array_equal(np.frombuffer(got.content, "int32"), frames[0].ravel())
+        # replaced on disk (atomic rename), no catalog write
+        with h5py.File(d / ".grow.tmp", "w") as f:
+            f.create_dataset("data", data=frames)
+        (d / ".grow.tmp").replace(d / "grow.h5")
+        write_cbf(d / ".one.tmp", frames[2])
+        (d / ".one.tmp").replace(d / "one.cbf")
+        after = http.get("metadata/d/grow/data")
+        assert HIT not in after.headers and after.json()["data"]["attributes"]["structure"]["shape"][0] == 3
+        got = http.get(f"array/full/d/{cbf}", headers=octet)
+        assert HIT not in got.headers and np.array_equal(np.frombuffer(got.content, "int32"), frames[2].ravel())
 
 
 def test_off_for_several_workers_unless_asked(monkeypatch, tmp_path):
