@@ -312,11 +312,13 @@ class ResponseCache:
                     parts.clear()
                 else:
                     parts.append(bytes(body))
-                if not message.get("more_body", False) and keep:
-                    self._store(key, _Answer(
-                        start, time.monotonic(), head["status"],
-                        [(n, v) for n, v in head.get("headers") or () if n.lower() not in UNREPLAYED],
-                        b"".join(parts), node, tuple(dict(files).items())))
+                if keep and not message.get("more_body", False):
+                    stamps = dict(files)
+                    if len(stamps) == len(set(files)):  # else a file changed while it was read
+                        self._store(key, _Answer(
+                            start, time.monotonic(), head["status"],
+                            [(n, v) for n, v in head.get("headers") or () if n.lower() not in UNREPLAYED],
+                            b"".join(parts), node, tuple(stamps.items())))
             await send(message)
 
         self.stats["miss"] += 1
