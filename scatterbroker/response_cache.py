@@ -44,9 +44,9 @@ comes again:
   304 itself), ``Cache-Control: no-cache``, browser requests (``Origin``:
   CORS), ``HEAD``, answers other than 200, answers setting cookies (but
   Tiled's CSRF cookie, which a replay sets afresh, as Tiled does, to a
-  request without one), and
-  bodies larger than ``SCATTERBROKER_RESPONSE_CACHE_ITEM`` bytes (1 MiB: whole
-  frames are not kept, their cost is the read; the fast route serves those).
+  request without one), and bodies larger than
+  ``SCATTERBROKER_RESPONSE_CACHE_ITEM`` bytes (1 MiB: a 2M frame is 10 MB
+  raw and is not kept; one Tiled compressed below 1 MiB is).
   The whole cache holds at most ``SCATTERBROKER_RESPONSE_CACHE_BYTES`` (64
   MiB), least recently used first out.
 
@@ -162,8 +162,8 @@ class ResponseCache:
     """ASGI middleware: see the module docstring.
 
     ``max_bytes`` bounds the bodies kept, ``item_bytes`` one body, ``ttl`` the
-    seconds an answer is kept at most. ``stats`` counts hits, misses (answers
-    stored), passes (requests not eligible) and invalidating writes.
+    seconds an answer is kept at most. ``stats`` counts hits, misses (answered
+    by Tiled, kept if eligible), passes (requests not eligible) and writes.
     """
 
     def __init__(self, app: Any, max_bytes: int | None = None, item_bytes: int | None = None,
