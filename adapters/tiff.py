@@ -18,6 +18,7 @@ from tiled.structures.array import ArrayStructure, BuiltinDtype
 
 from ..errors import IncompleteFile, UnreadableFile
 from .minicbf import CBFHeader, parse_text_header
+from .roots import file_stamp
 from .single import SingleFileAdapter
 from .sequence import FrameInfo, HarvestingSequence, expand
 
@@ -91,8 +92,7 @@ class _OpenTiffs:
         self._files: OrderedDict[str, tuple] = OrderedDict()
 
     def read(self, path: Path, key: Any) -> np.ndarray:
-        st = os.stat(path)
-        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        stamp = file_stamp(os.stat(path))
         with self._lock:
             hit = self._files.get(str(path))
             if hit is not None and hit[0] == stamp:

@@ -74,6 +74,7 @@ from tiled.server.utils import record_timing
 from tiled.structures.core import StructureFamily
 
 from . import _wire
+from .adapters.roots import file_stamp
 from .errors import UnreadableFile
 
 __all__ = ["router", "PREFIX", "read_payload"]
@@ -281,8 +282,7 @@ def _layout_for(entry: Any) -> tuple[_Layout | None, Any, Any]:
     # Key the layout by the file the handle has open (fstat of its descriptor),
     # not by the path: if the file is replaced meanwhile, offsets learnt from
     # this handle must never be applied to the new file.
-    st = os.fstat(handle.id.get_vfd_handle())
-    key = (key[0], key[2], (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    key = (key[0], key[2], file_stamp(os.fstat(handle.id.get_vfd_handle())))
     with _layouts_lock:
         hit = _layouts.get(key, False)
         if hit is not False:
