@@ -65,10 +65,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-
-from .adapters.roots import file_stamp, files_read
 from starlette.responses import Response
 from tiled.server.app import CSRF_COOKIE_NAME
+
+from .adapters.roots import file_stamp, files_read
+from .fastpath import _authorize, _who
 
 __all__ = ["ResponseCache", "enabled_by_default"]
 
@@ -149,9 +150,10 @@ def _ancestors(node: str) -> list[str]:
 
 @dataclass
 class _Answer:
+    """A 200 answer kept (only those are)."""
+
     start: int  # the write tick when its request arrived
     born: float  # time.monotonic() when stored
-    status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
     node: str
@@ -254,8 +256,6 @@ class ResponseCache:
             await self.app(scope, receive, send)
             return
         route, node = split
-        from .fastpath import _authorize, _who
-
         # Our own Request on a copy of the scope: what it puts in request.state
         # must not reach Tiled's app if the request goes on there.
         request = Request({**scope, "state": dict(scope.get("state") or {})}, receive)
@@ -287,7 +287,7 @@ class ResponseCache:
                (b"x-sb-cache", b"hit")]
         if not has_csrf:
             out.append(_csrf_cookie())
-        await send({"type": "http.response.start", "status": answer.status, "headers": out})
+        await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
     async def _fill(self, key: tuple, node: str, scope: dict, receive: Any, send: Any) -> None:
@@ -316,7 +316,7 @@ class ResponseCache:
                     stamps = dict(files)
                     if len(stamps) == len(set(files)):  # else a file changed while it was read
                         self._store(key, _Answer(
-                            start, time.monotonic(), head["status"],
+                            start, time.monotonic(),
                             [(n, v) for n, v in head.get("headers") or () if n.lower() not in UNREPLAYED],
                             b"".join(parts), node, tuple(stamps.items())))
             await send(message)

@@ -224,7 +224,9 @@ def build_app(config: Any, *, response_cache: bool | None = None, freeze_gc: boo
     from .fastpath import FastLane
     from .response_cache import ResponseCache, enabled_by_default
 
-    if response_cache if response_cache is not None else enabled_by_default(one_process=True):
+    if response_cache is None:
+        response_cache = enabled_by_default(one_process=True)
+    if response_cache:
         app.add_middleware(ResponseCache)
     app.add_middleware(FastLane)  # added last: outermost
     if freeze_gc and os.environ.get("SCATTERBROKER_GC_FREEZE", "1").strip() != "0":
