@@ -32,11 +32,16 @@ print((rss() - base) / 1e6)
 """
 
 
+def run_python(script: str, *args: str, timeout: float, cwd=None) -> list[str]:
+    """Run ``script`` in a fresh Python process; the words it printed."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()
+
+
 def retained_mb(kind: str, tmp_path) -> float:
-    out = subprocess.run([sys.executable, "-c", RETAINED, kind, str(tmp_path / "data")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return float(out.stdout.split()[-1])
+    return float(run_python(RETAINED, kind, str(tmp_path / "data"), timeout=120)[-1])
 
 
 def test_freed_frames_go_back_to_the_system(tmp_path):
@@ -63,10 +68,7 @@ with TestClient(app) as client:  # runs the app's start-up
 
 @pytest.mark.parametrize("mode", ["freeze", "plain"])
 def test_serving_processes_freeze_what_start_up_made(mode, tmp_path):
-    out = subprocess.run([sys.executable, "-c", FROZEN, mode], capture_output=True, text=True,
-                         timeout=180, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    before, after = map(int, out.stdout.split()[-2:])
+    before, after = map(int, run_python(FROZEN, mode, timeout=180, cwd=tmp_path)[-2:])
     assert before == 0
     # a started server holds a few hundred thousand objects: frozen only when asked
     assert (after > 100_000) if mode == "freeze" else (after == 0), (before, after)
