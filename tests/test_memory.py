@@ -54,14 +54,15 @@ def test_freed_frames_go_back_to_the_system(tmp_path):
 FROZEN = """
 import gc, sys, tempfile
 from pathlib import Path
-from fastapi.testclient import TestClient
-from scatterbroker.server import build_app, local_config
+import httpx
+from scatterbroker.server import build_app, local_config, serve_in_thread
 
 app = build_app(local_config(Path(tempfile.mkdtemp()) / "data", [], api_key="k"),
                 freeze_gc=sys.argv[1] == "freeze")
 before = gc.get_freeze_count()
-with TestClient(app) as client:  # runs the app's start-up
-    assert client.get("/api/v1/metadata/", headers={"Authorization": "Apikey k"}).status_code == 200
+with serve_in_thread(app) as url:  # a real server on loopback: start-up has run
+    r = httpx.get(url + "/api/v1/metadata/", headers={"Authorization": "Apikey k"})
+    assert r.status_code == 200, r.text
     print(before, gc.get_freeze_count())
 """
 
