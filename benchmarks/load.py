@@ -71,7 +71,9 @@ and count. Requests/s = requests / (first sent to last received).
 (``X-SB-Cache: hit``, :mod:`scatterbroker.response_cache`): this data set is
 small (20-frame scans), so a frame Tiled compresses below the cache's 1 MiB
 item limit is replayed more often here than in a beamline's catalog.
-``SCATTERBROKER_RESPONSE_CACHE=0`` in the environment runs the server without it.
+``--baseline no-cache`` first runs the same load against the server without
+it (``SCATTERBROKER_RESPONSE_CACHE=0``), then as configured, and prints the
+ratios of requests/s and p50/p99 latency; the last line is then their JSON.
 
 Sampled every second: the server's VmRSS, thread count and CPU time
 (``/proc/<pid>``), the watcher's CPU time and its status line (frames,
@@ -101,6 +103,7 @@ Run
     python benchmarks/load.py --clients 8 --duration 10 --shape 195 487   # smoke run, ~30 s
     python benchmarks/load.py --mix list=1,newest=1 --ingest-rate 20      # metadata only, faster ingest
     python benchmarks/load.py --duration 300 --malloc-trim                # does RSS level off?
+    python benchmarks/load.py --baseline no-cache                         # the response cache's gain (~5 min)
 
 Loopback only: the server binds 127.0.0.1 and every request goes there. The
 machine may be shared: the load average is printed, and figures under load
@@ -605,11 +608,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distinct", type=int, default=4, help="distinct frames encoded and cycled (default 4)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep data and logs in a new directory here (default: a temporary one, removed)")
+    p.add_argument("--baseline", choices=("none", "no-cache"), default="none",
+                   help="no-cache: first run the same load against a server without its response cache "
+                        "(SCATTERBROKER_RESPONSE_CACHE=0), then as configured, and print the ratios "
+                        "(default none)")
     args = p.parse_args(argv)
     mix = parse_mix(args.mix)
     shape = (args.shape[0], args.shape[1])
     if min(shape) < args.roi:
         raise SystemExit(f"--roi {args.roi} does not fit frames of shape {shape}")
+    if args.baseline == "none":
+        one_run(args, mix, shape)
+        return 0
+    print("baseline: the server without its response cache (SCATTERBROKER_RESPONSE_CACHE=0)")
+    saved = os.environ.get("SCATTERBROKER_RESPONSE_CACHE")
+    os.environ["SCATTERBROKER_RESPONSE_CACHE"] = "0"  # read by the server process at start
+    try:
+        base = one_run(args, mix, shape)
+    finally:
+        if saved is None:
+            os.environ.pop("SCATTERBROKER_RESPONSE_CACHE")
+        else:
+            os.environ["SCATTERBROKER_RESPONSE_CACHE"] = saved
+    print()
+    print("the same load against the server as configured")
+    this = one_run(args, mix, shape)
+    ratios = {"req_per_s": _r(this["req_per_s"] / base["req_per_s"], 2),
+              **{f"{k}_latency": _r(this["latency_ms"][k] / base["latency_ms"][k], 2) for k in ("p50", "p99")}}
+    print()
+    print(f"against the server without its response cache, same run: requests/s x{ratios['req_per_s']:.2f}, "
+          f"p50 latency x{ratios['p50_latency']:.2f}, p99 latency x{ratios['p99_latency']:.2f}")
+    print(json.dumps({"benchmark": "load", "baseline": "no-cache", "ratios": ratios,
+                      "baseline_run": {k: base[k] for k in ("req_per_s", "latency_ms", "errors")},
+                      "this_run": {k: this[k] for k in ("req_per_s", "latency_ms", "errors")}}))
+    return 0
+
+
+def one_run(args: argparse.Namespace, mix: dict[str, float], shape: tuple[int, int]) -> dict[str, Any]:
+    """Write the data, serve and load it once (:func:`measure`), print the report; its summary."""
     load_before = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "
           "before (a shared machine makes these figures noisy)")
@@ -623,8 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     run.kept = work if args.workdir is not None else None
     run.load_after = os.getloadavg()
-    report(args, mix, run)
-    return 0
+    return report(args, mix, run)
 
 
 def measure(args: argparse.Namespace, mix: dict[str, float], shape: tuple[int, int], work: Path,
@@ -708,8 +743,8 @@ def measure(args: argparse.Namespace, mix: dict[str, float], shape: tuple[int, i
                watcher_log=(work / "watcher.log").read_text(errors="replace"), load_before=load_before)
 
 
-def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> None:
-    """Print the tables, the verdicts against the target and the JSON line."""
+def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> dict[str, Any]:
+    """Print the tables, the verdicts against the target and the JSON line; return that summary."""
     rec, span, sampler, calib = run.rec, run.span, run.sampler, run.calib
     mean_req = None
     if calib:
@@ -840,7 +875,7 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> None:
     print(f"load average {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} after")
     if run.kept is not None:
         print(f"data and logs kept in {run.kept}")
-    print(json.dumps({
+    summary = {
         "benchmark": "load",
         "params": {"clients": args.clients, "duration_s": args.duration, "shape": list(args.shape),
                    "scan_frames": args.scan_frames, "ingest_rate": args.ingest_rate, "mix": mix,
@@ -867,7 +902,9 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> None:
         "timeline": timeline,
         "targets": verdicts,
         "load_average": {"before": [round(x, 2) for x in lb], "after": [round(x, 2) for x in la]},
-    }))
+    }
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
