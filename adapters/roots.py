@@ -19,8 +19,9 @@ from ..errors import BrokenLink, OutsideRoots
 Roots = tuple[Path, ...]
 
 #: A list while someone wants to know which files the current request reads
-#: (``scatterbroker.response_cache``: an answer that came from files is replayed
-#: only while they are unchanged); every file confined or opened is added to it.
+#: (``scatterbroker.response_cache`` and ``.entry_cache``: what came from files
+#: is reused only while they are unchanged); every file confined or opened is
+#: added to it as ``(path, file_stamp)``.
 files_read: ContextVar[list | None] = ContextVar("scatterbroker_files_read", default=None)
 
 
@@ -34,6 +35,17 @@ def note_read(path: str | os.PathLike[str], st: os.stat_result) -> None:
     seen = files_read.get()
     if seen is not None:
         seen.append((os.fspath(path), file_stamp(st)))
+
+
+def unchanged(stamps: Iterable[tuple[str, tuple[int, ...]]]) -> bool:
+    """True if every ``(path, file_stamp)`` still holds (same device, inode, size and mtime)."""
+    for path, stamp in stamps:
+        try:
+            if file_stamp(os.stat(path)) != stamp:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def normalize_roots(roots: Iterable[str | os.PathLike[str]]) -> Roots:

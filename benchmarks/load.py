@@ -72,7 +72,10 @@ and count. Requests/s = requests / (first sent to last received).
 small (20-frame scans), so a frame Tiled compresses below the cache's 1 MiB
 item limit is replayed more often here than in a beamline's catalog.
 ``--baseline no-cache`` first runs the same load against the server without
-it (``SCATTERBROKER_RESPONSE_CACHE=0``), then as configured, and prints the
+its read caches (``SCATTERBROKER_RESPONSE_CACHE=0``,
+``SCATTERBROKER_ENTRY_CACHE=0``: every request walks the catalog and is
+answered by Tiled), ``--baseline no-entry-cache`` without the entry cache
+only (:mod:`scatterbroker.entry_cache`), then as configured, and prints the
 ratios of requests/s and p50/p99 latency; the last line is then their JSON.
 
 Sampled every second: the server's VmRSS, thread count and CPU time
@@ -103,7 +106,8 @@ Run
     python benchmarks/load.py --clients 8 --duration 10 --shape 195 487   # smoke run, ~30 s
     python benchmarks/load.py --mix list=1,newest=1 --ingest-rate 20      # metadata only, faster ingest
     python benchmarks/load.py --duration 300 --malloc-trim                # does RSS level off?
-    python benchmarks/load.py --baseline no-cache                         # the response cache's gain (~5 min)
+    python benchmarks/load.py --baseline no-cache                         # the read caches' gain (~5 min)
+    python benchmarks/load.py --baseline no-entry-cache                   # the entry cache's alone (~5 min)
 
 Loopback only: the server binds 127.0.0.1 and every request goes there. The
 machine may be shared: the load average is printed, and figures under load
@@ -608,10 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distinct", type=int, default=4, help="distinct frames encoded and cycled (default 4)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep data and logs in a new directory here (default: a temporary one, removed)")
-    p.add_argument("--baseline", choices=("none", "no-cache"), default="none",
-                   help="no-cache: first run the same load against a server without its response cache "
-                        "(SCATTERBROKER_RESPONSE_CACHE=0), then as configured, and print the ratios "
-                        "(default none)")
+    p.add_argument("--baseline", choices=("none", *BASELINES), default="none",
+                   help="first run the same load against the server without its read caches (no-cache: "
+                        "SCATTERBROKER_RESPONSE_CACHE=0 and SCATTERBROKER_ENTRY_CACHE=0) or without its entry "
+                        "cache only (no-entry-cache), then as configured, and print the ratios (default none)")
     args = p.parse_args(argv)
     mix = parse_mix(args.mix)
     shape = (args.shape[0], args.shape[1])
@@ -620,28 +624,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline == "none":
         one_run(args, mix, shape)
         return 0
-    print("baseline: the server without its response cache (SCATTERBROKER_RESPONSE_CACHE=0)")
-    saved = os.environ.get("SCATTERBROKER_RESPONSE_CACHE")
-    os.environ["SCATTERBROKER_RESPONSE_CACHE"] = "0"  # read by the server process at start
+    what, env = BASELINES[args.baseline]
+    print(f"baseline: {what} ({', '.join(f'{k}={v}' for k, v in env.items())})")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by the server process at start
     try:
         base = one_run(args, mix, shape)
     finally:
-        if saved is None:
-            os.environ.pop("SCATTERBROKER_RESPONSE_CACHE")
-        else:
-            os.environ["SCATTERBROKER_RESPONSE_CACHE"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     print()
     print("the same load against the server as configured")
     this = one_run(args, mix, shape)
     ratios = {"req_per_s": _r(this["req_per_s"] / base["req_per_s"], 2),
               **{f"{k}_latency": _r(this["latency_ms"][k] / base["latency_ms"][k], 2) for k in ("p50", "p99")}}
     print()
-    print(f"against the server without its response cache, same run: requests/s x{ratios['req_per_s']:.2f}, "
+    print(f"against {what}, same run: requests/s x{ratios['req_per_s']:.2f}, "
           f"p50 latency x{ratios['p50_latency']:.2f}, p99 latency x{ratios['p99_latency']:.2f}")
-    print(json.dumps({"benchmark": "load", "baseline": "no-cache", "ratios": ratios,
+    print(json.dumps({"benchmark": "load", "baseline": args.baseline, "ratios": ratios,
                       "baseline_run": {k: base[k] for k in ("req_per_s", "latency_ms", "errors")},
                       "this_run": {k: this[k] for k in ("req_per_s", "latency_ms", "errors")}}))
     return 0
+
+
+#: --baseline: what the same-run comparison serves without, and the environment that says so
+BASELINES = {
+    "no-cache": ("the server without its read caches",
+                 {"SCATTERBROKER_RESPONSE_CACHE": "0", "SCATTERBROKER_ENTRY_CACHE": "0"}),
+    "no-entry-cache": ("the server without its entry cache", {"SCATTERBROKER_ENTRY_CACHE": "0"}),
+}
 
 
 def one_run(args: argparse.Namespace, mix: dict[str, float], shape: tuple[int, int]) -> dict[str, Any]:

@@ -38,7 +38,6 @@ import asyncio
 import collections
 import contextlib
 import inspect
-import json
 import logging
 import math
 import os
@@ -68,13 +67,13 @@ from tiled.server.authentication import (
     get_current_scopes,
     get_session_state,
 )
-from tiled.server.dependencies import get_entry
 from tiled.server.settings import Settings, get_settings
 from tiled.server.utils import record_timing
 from tiled.structures.core import StructureFamily
 
-from . import _wire
+from . import _wire, entry_cache
 from .adapters.roots import file_stamp
+from .entry_cache import who
 from .errors import UnreadableFile
 
 __all__ = ["router", "PREFIX", "read_payload"]
@@ -555,27 +554,26 @@ _entries_lock = threading.Lock()
 
 def _who(auth: _Auth) -> tuple:
     """Everything Tiled's access decisions depend on, besides the node itself."""
-    principal = auth.principal
-    ident = None if principal is None else (
-        str(getattr(principal, "uuid", None) or repr(principal)), str(getattr(principal, "type", "")))
-    tags = None if auth.access_tags is None else tuple(sorted(map(str, auth.access_tags)))
-    scopes = tuple(sorted(map(str, auth.scopes or ())))
-    state = None if not auth.session_state else json.dumps(auth.session_state, sort_keys=True, default=str)
-    return ident, tags, scopes, state
+    return who(auth.principal, auth.access_tags, auth.scopes, auth.session_state)
 
 
 async def _entry(request: Request, path: str, auth: _Auth, required: list[str],
                  metrics: Any = None, shape: tuple[int, ...] | None = None) -> Any:
     """The node at ``path`` through Tiled's ``get_entry`` (access policy applied
-    at every segment), reused for ``ENTRY_TTL`` seconds by the same principal.
+    at every segment), reused by the same principal: until a write reaches it
+    or a file it opened changes when the app has an entry cache
+    (:mod:`scatterbroker.entry_cache`, one-process servers), else for
+    ``ENTRY_TTL`` seconds.
 
-    ``shape`` is the node's shape as the client knows it (from its metadata
+    Without the entry cache, ``shape`` is the node's shape as the client knows it (from its metadata
     request): a reused node of another shape is looked up afresh, so a scan
     that grows (the watcher extends ``frames``) reads its new frames at once.
     Concurrent requests that miss the cache for the same key wait for one walk
     instead of each walking the catalog.
     """
     root_tree = request.app.state.root_tree
+    if entry_cache.cache_for(root_tree) is not None:  # reused until a write or a file changes
+        return await _lookup(request, path, auth, required, metrics)
     key = (id(root_tree), path.strip("/"), tuple(required), _who(auth))
     if ENTRY_TTL <= 0:
         return await _lookup(request, path, auth, required, metrics)
@@ -623,7 +621,7 @@ _inflight: dict[tuple, asyncio.Future] = {}
 
 
 async def _lookup(request: Request, path: str, auth: _Auth, required: list[str], metrics: Any) -> Any:
-    entry = await get_entry(
+    entry = await entry_cache.get_entry(
         path, required, auth.principal, auth.access_tags, auth.scopes, request.app.state.root_tree,
         auth.session_state, metrics if metrics is not None else request.state.metrics, _ARRAY,
         getattr(request.app.state, "access_policy", None),

@@ -57,7 +57,6 @@ without Tiled's ``Server-Timing``, with a request id of its own
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -68,12 +67,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from tiled.server.app import CSRF_COOKIE_NAME
 
-from .adapters.roots import file_stamp, files_read
+from .adapters.roots import files_read, unchanged
 from .fastpath import _authorize, _who
+from .write_log import WriteLog, cache_ttl, enabled_by_default, env_number, split_node_route
 
 __all__ = ["ResponseCache", "enabled_by_default"]
 
-API = "/api/v1/"
 #: GET routes whose answers are kept, with the scopes Tiled requires for them
 READ_ROUTES = {
     "metadata": ["read:metadata"],
@@ -85,10 +84,6 @@ READ_ROUTES = {
     "container/full": ["read:data"],
     "node/full": ["read:data"],
 }
-#: every route (any method) whose URL is ``{API}{route}/{node path}``
-NODE_ROUTES = (*READ_ROUTES, "search-deep", "distinct", "ragged/full", "ragged/block",
-               "awkward/full", "awkward/buffers", "register", "data_source", "revisions",
-               "asset/bytes", "asset/manifest", "asset", "stream/close", "sb/frames", "sb/info")
 #: request headers that do not enter the key (the principal stands for the first two)
 UNKEYED = {b"authorization", b"cookie", b"connection", b"keep-alive", b"x-tiled-request-id"}
 #: request headers that make a request bypass the cache
@@ -96,43 +91,6 @@ BYPASS = {b"origin", b"if-none-match", b"if-modified-since", b"if-match", b"rang
 #: response headers not replayed (the request id is the new request's, as Tiled makes it)
 REQUEST_ID = b"x-tiled-request-id"
 UNREPLAYED = {b"server-timing", REQUEST_ID, b"set-cookie"}
-#: written paths remembered before everything is dropped and they are forgotten
-MAX_MARKS = 100_000
-
-
-def _env_number(name: str, default: float) -> float:
-    text = os.environ.get(name, "").strip()
-    return float(text) if text else default
-
-
-def enabled_by_default(one_process: bool) -> bool:
-    """``SCATTERBROKER_RESPONSE_CACHE`` (1/0) if set, else whether the server is one process."""
-    text = os.environ.get("SCATTERBROKER_RESPONSE_CACHE", "").strip().lower()
-    if text:
-        return text not in ("0", "false", "no", "off")
-    return one_process
-
-
-def _split(path: str, routes: Any) -> tuple[str, str] | None:
-    """(route, node path) of an API path, or None if it is not ``{API}{route}/...``."""
-    if not path.startswith(API):
-        return None
-    rest = path[len(API):]
-    for route in routes:
-        if rest.startswith(route + "/") or rest == route:
-            return route, rest[len(route) + 1:].strip("/")
-    return None
-
-
-def _unchanged(files: tuple[tuple[str, tuple[int, ...]], ...]) -> bool:
-    """True if every file is still what it was (same device, inode, size and mtime)."""
-    for path, stamp in files:
-        try:
-            if file_stamp(os.stat(path)) != stamp:
-                return False
-        except OSError:
-            return False
-    return True
 
 
 def _csrf_cookie() -> tuple[bytes, bytes]:
@@ -140,12 +98,6 @@ def _csrf_cookie() -> tuple[bytes, bytes]:
     response = Response()
     response.set_cookie(key=CSRF_COOKIE_NAME, value=secrets.token_urlsafe(32), httponly=True, samesite="lax")
     return response.raw_headers[-1]
-
-
-def _ancestors(node: str) -> list[str]:
-    """Strict ancestors of a node path, the root ("") first."""
-    parts = node.split("/") if node else []
-    return ["/".join(parts[:i]) for i in range(len(parts))]
 
 
 @dataclass
@@ -163,92 +115,44 @@ class _Answer:
 class ResponseCache:
     """ASGI middleware: see the module docstring.
 
-    ``max_bytes`` bounds the bodies kept, ``item_bytes`` one body, ``ttl`` the
-    seconds an answer is kept at most. ``stats`` counts hits, misses (answered
-    by Tiled, kept if eligible), passes (requests not eligible) and writes.
+    ``log`` is the :class:`~scatterbroker.write_log.WriteLog` that a
+    :class:`~scatterbroker.write_log.WriteMarks` in front of this middleware
+    fills with every write. ``max_bytes`` bounds the bodies kept,
+    ``item_bytes`` one body, ``ttl`` the seconds an answer is kept at most.
+    ``stats`` counts hits, misses (answered by Tiled, kept if eligible) and
+    passes (requests not eligible).
     """
 
-    def __init__(self, app: Any, max_bytes: int | None = None, item_bytes: int | None = None,
-                 ttl: float | None = None) -> None:
+    def __init__(self, app: Any, log: WriteLog, max_bytes: int | None = None,
+                 item_bytes: int | None = None, ttl: float | None = None) -> None:
         self.app = app
+        self.log = log
         self.max_bytes = int(max_bytes if max_bytes is not None
-                             else _env_number("SCATTERBROKER_RESPONSE_CACHE_BYTES", 64 << 20))
+                             else env_number("SCATTERBROKER_RESPONSE_CACHE_BYTES", 64 << 20))
         self.item_bytes = int(item_bytes if item_bytes is not None
-                              else _env_number("SCATTERBROKER_RESPONSE_CACHE_ITEM", 1 << 20))
-        self.ttl = float(ttl if ttl is not None else _env_number("SCATTERBROKER_RESPONSE_CACHE_TTL", 10))
+                              else env_number("SCATTERBROKER_RESPONSE_CACHE_ITEM", 1 << 20))
+        self.ttl = float(ttl if ttl is not None else cache_ttl())
         self._answers: OrderedDict[tuple, _Answer] = OrderedDict()
         self._bytes = 0
-        # Writes: a tick counts their arrivals and ends; a node path maps to the
-        # last tick of a write exactly at it (_at) and at it or below it (_under).
-        self._tick = 0
-        self._all = 0
-        self._at: dict[str, int] = {}
-        self._under: dict[str, int] = {}
-        self.stats = {"hit": 0, "miss": 0, "pass": 0, "write": 0}
+        self.stats = {"hit": 0, "miss": 0, "pass": 0}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        method = scope["method"]
-        if method == "GET":
+        if scope["type"] == "http" and scope["method"] == "GET":
             await self._read(scope, receive, send)
-        elif method in ("HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
         else:
-            self.stats["write"] += 1
-            split = _split(scope["path"], NODE_ROUTES)
-            node = None if split is None else split[1]
-            await self._write(node, scope, receive, send)
-
-    # ------------------------------------------------------------- writes
-
-    async def _write(self, node: str | None, scope: dict, receive: Any, send: Any) -> None:
-        """Mark ``node`` when the write arrives and when it answers (it has committed by then:
-        a read the client sends after the answer must not be dropped), or when it fails."""
-        answered = False
-
-        async def mark_on_answer(message: dict) -> None:
-            nonlocal answered
-            if message["type"] == "http.response.start" and not answered:
-                answered = True
-                self._mark(node)
-            await send(message)
-
-        self._mark(node)
-        try:
-            await self.app(scope, receive, mark_on_answer)
-        finally:
-            if not answered:
-                self._mark(node)
-
-    def _mark(self, node: str | None) -> None:
-        self._tick += 1
-        if node is None or len(self._under) > MAX_MARKS:
-            self._all = self._tick
-            self._at.clear()
-            self._under.clear()
-            self._answers.clear()
-            self._bytes = 0
-            return
-        self._at[node] = self._tick
-        for path in (*_ancestors(node), node):
-            self._under[path] = self._tick
+            await self.app(scope, receive, send)
 
     def _stale(self, answer: _Answer) -> bool:
-        start = answer.start
-        if self._all > start or self._under.get(answer.node, 0) > start:
+        if self.log.changed_since(answer.node, answer.start, below=True):
             return True
         if time.monotonic() - answer.born > self.ttl:
             return True
-        if any(self._at.get(path, 0) > start for path in _ancestors(answer.node)):
-            return True
-        return not _unchanged(answer.files)
+        return not unchanged(answer.files)
 
     # -------------------------------------------------------------- reads
 
     async def _read(self, scope: dict, receive: Any, send: Any) -> None:
-        split = _split(scope["path"], READ_ROUTES)
+        split = split_node_route(scope["path"], READ_ROUTES)
         headers = scope.get("headers") or ()
         if split is None or any(name in BYPASS for name, _ in headers) or any(
                 name == b"cache-control" and b"no-" in value.lower() for name, value in headers):
@@ -291,7 +195,7 @@ class ResponseCache:
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
     async def _fill(self, key: tuple, node: str, scope: dict, receive: Any, send: Any) -> None:
-        start = self._tick
+        start = self.log.tick
         head: dict = {}
         parts: list[bytes] = []
         size = 0

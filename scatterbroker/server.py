@@ -192,7 +192,8 @@ def release_large_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def build_app(config: Any, *, response_cache: bool | None = None, freeze_gc: bool = False):
+def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: bool | None = None,
+              freeze_gc: bool = False):
     """The ASGI app for a config dict, a parsed Tiled ``Config``, or a YAML file/directory.
 
     Also sets the process's allocator to give frame-sized buffers back
@@ -204,6 +205,8 @@ def build_app(config: Any, *, response_cache: bool | None = None, freeze_gc: boo
     touches their node (:mod:`scatterbroker.response_cache`): right only when
     every write reaches this one process. Default: ``$SCATTERBROKER_RESPONSE_CACHE``
     if set, else on (:func:`app_factory`, for several workers, turns it off).
+    ``entry_cache`` likewise keeps the nodes Tiled's routes find by walking the
+    catalog (:mod:`scatterbroker.entry_cache`; ``$SCATTERBROKER_ENTRY_CACHE``).
 
     ``freeze_gc`` (``scatterbroker serve``, :func:`app_factory`): once the app
     has started, see :func:`freeze_after_startup` (``SCATTERBROKER_GC_FREEZE=0``
@@ -222,12 +225,21 @@ def build_app(config: Any, *, response_cache: bool | None = None, freeze_gc: boo
     # Requests to the fast data route skip Tiled's middleware stack (see
     # scatterbroker.fastpath.FastLane); everything else is Tiled's app.
     from .fastpath import FastLane
+    from . import entry_cache as entries
     from .response_cache import ResponseCache, enabled_by_default
+    from .write_log import WriteLog, WriteMarks
 
     if response_cache is None:
         response_cache = enabled_by_default(one_process=True)
+    if entry_cache is None:
+        entry_cache = enabled_by_default(one_process=True, variable="SCATTERBROKER_ENTRY_CACHE")
+    log = WriteLog()
     if response_cache:
-        app.add_middleware(ResponseCache)
+        app.add_middleware(ResponseCache, log=log)
+    if entry_cache:
+        entries.install(app, log)
+    if response_cache or entry_cache:
+        app.add_middleware(WriteMarks, log=log)
     app.add_middleware(FastLane)  # added last: outermost
     if freeze_gc and os.environ.get("SCATTERBROKER_GC_FREEZE", "1").strip() != "0":
         freeze_after_startup(app)
@@ -301,7 +313,9 @@ def app_factory():
 
     # Each worker sees only its own writes: no worker may replay answers (unless told to).
     return build_app(os.environ.get("SCATTERBROKER_CONFIG") or os.environ.get("TILED_CONFIG", "config.yml"),
-                     response_cache=enabled_by_default(one_process=False), freeze_gc=True)
+                     response_cache=enabled_by_default(one_process=False),
+                     entry_cache=enabled_by_default(one_process=False, variable="SCATTERBROKER_ENTRY_CACHE"),
+                     freeze_gc=True)
 
 
 @contextlib.contextmanager

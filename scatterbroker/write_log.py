@@ -1,0 +1,141 @@
+"""Which catalog nodes this process has seen written, and when: the clock of its read caches.
+
+The server keeps two things it would otherwise compute again on every read:
+answers of Tiled's read routes (:mod:`scatterbroker.response_cache`) and the
+nodes Tiled's ``get_entry`` found by walking the catalog
+(:mod:`scatterbroker.entry_cache`). Both are right only until a write touches
+what they hold. :class:`WriteMarks`, an ASGI middleware in front of Tiled's
+app, marks the node path of every request that is not a ``GET``, ``HEAD`` or
+``OPTIONS`` in a :class:`WriteLog`, once when it arrives and once when it
+answers (it has committed by then: a read the client sends after the answer
+must see it) or fails. A cached thing remembers the log's tick when the
+request that made it started, and asks :meth:`WriteLog.changed_since`.
+
+A write whose node cannot be told from its URL (``/jobs``, ``/auth``, ...)
+counts as a write everywhere. Only writes through this process are seen: the
+caches are for one-process servers (see :func:`scatterbroker.server.build_app`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["API", "NODE_ROUTES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl", "enabled_by_default",
+           "env_number", "split_node_route"]
+
+API = "/api/v1/"
+#: every Tiled route (any method) whose URL is ``{API}{route}/{node path}``, and ours
+NODE_ROUTES = ("metadata", "search", "array/full", "array/block", "table/full", "table/partition",
+               "container/full", "node/full", "search-deep", "distinct", "ragged/full", "ragged/block",
+               "awkward/full", "awkward/buffers", "register", "data_source", "revisions",
+               "asset/bytes", "asset/manifest", "asset", "stream/close", "sb/frames", "sb/info")
+#: written paths remembered before the log says "everything changed" and forgets them
+MAX_MARKS = 100_000
+
+
+def env_number(name: str, default: float) -> float:
+    """The number in environment variable ``name``, or ``default`` if it is unset or blank."""
+    text = os.environ.get(name, "").strip()
+    return float(text) if text else default
+
+
+def cache_ttl() -> float:
+    """Seconds a read cache keeps anything at most (``SCATTERBROKER_RESPONSE_CACHE_TTL``, 10):
+    the bound on staleness if something writes the catalog database around the server."""
+    return env_number("SCATTERBROKER_RESPONSE_CACHE_TTL", 10)
+
+
+def enabled_by_default(one_process: bool, variable: str = "SCATTERBROKER_RESPONSE_CACHE") -> bool:
+    """The environment ``variable`` (1/0) if set, else whether the server is one process."""
+    text = os.environ.get(variable, "").strip().lower()
+    if text:
+        return text not in ("0", "false", "no", "off")
+    return one_process
+
+
+def split_node_route(path: str, routes: Any = NODE_ROUTES) -> tuple[str, str] | None:
+    """(route, node path) of a URL path ``{API}{route}/{node}``, or None for any other URL."""
+    if not path.startswith(API):
+        return None
+    rest = path[len(API):]
+    for route in routes:
+        if rest.startswith(route + "/") or rest == route:
+            return route, rest[len(route) + 1:].strip("/")
+    return None
+
+
+def ancestors(node: str) -> list[str]:
+    """Strict ancestors of a node path (``"a/b/c"`` -> ``["", "a", "a/b"]``), the root first."""
+    parts = node.split("/") if node else []
+    return ["/".join(parts[:i]) for i in range(len(parts))]
+
+
+class WriteLog:
+    """Ticks of the writes seen, by node path.
+
+    ``tick`` counts marks. For a node path, the log keeps the last tick of a
+    write exactly at it and the last tick of a write at it or below it.
+    """
+
+    def __init__(self) -> None:
+        self.tick = 0
+        self._all = 0  # the last tick of a write of unknown node (or of forgetting)
+        self._at: dict[str, int] = {}
+        self._under: dict[str, int] = {}
+
+    def mark(self, node: str | None) -> None:
+        """Record a write at ``node`` (``None``: a write that may have changed anything)."""
+        self.tick += 1
+        if node is None or len(self._under) > MAX_MARKS:
+            self._all = self.tick
+            self._at.clear()
+            self._under.clear()
+            return
+        self._at[node] = self.tick
+        for path in (*ancestors(node), node):
+            self._under[path] = self.tick
+
+    def changed_since(self, node: str, start: int, *, below: bool) -> bool:
+        """Whether a write since tick ``start`` may have changed what was read of ``node``.
+
+        Always: a write exactly at ``node`` or at one of its ancestors (their
+        metadata and access; a deleted subtree), or of unknown node. With
+        ``below`` also a write anywhere under ``node`` (a child created, a
+        frame appended: what a listing or a read of its contents shows).
+        """
+        if self._all > start:
+            return True
+        if (self._under if below else self._at).get(node, 0) > start:
+            return True
+        return any(self._at.get(path, 0) > start for path in ancestors(node))
+
+
+class WriteMarks:
+    """ASGI middleware marking every write request's node in ``log`` (see the module docstring)."""
+
+    def __init__(self, app: Any, log: WriteLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        split = split_node_route(scope["path"])
+        node = None if split is None else split[1]
+        answered = False
+
+        async def mark_on_answer(message: dict) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start" and not answered:
+                answered = True
+                self.log.mark(node)
+            await send(message)
+
+        self.log.mark(node)
+        try:
+            await self.app(scope, receive, mark_on_answer)
+        finally:
+            if not answered:
+                self.log.mark(node)
