@@ -12,7 +12,7 @@ written on the way, so :class:`EntryCache` keeps it:
 
 * **Same identity only.** An entry is reused for the same path, the same
   required scopes and structure families, and the same principal, access
-  tags, scopes and session state (:func:`scatterbroker.fastpath.who`): the
+  tags, scopes and session state (:func:`who`): the
   access policy's decisions at every segment are the ones taken for it. The
   principal itself is authenticated afresh by Tiled on every request, before
   the route asks for the entry.
@@ -20,14 +20,20 @@ written on the way, so :class:`EntryCache` keeps it:
   ``read:data``) are cached; every write route walks as Tiled does.
 * **Until a write.** An entry is dropped when, after its walk started, a
   write reached the node itself or one of its ancestors
-  (:class:`scatterbroker.write_log.WriteLog`, ``below=False``: a child added
-  under a container does not change the container's own row; its listing is
-  queried afresh by the route anyway).
+  (:class:`scatterbroker.write_log.WriteLog`, ``below=False``: a write
+  further down, say a frame appended to a child, does not change the node's
+  own row, and the routes query a container's children afresh anyway). A
+  walk that overlapped a write is not kept. A new walk starts from the
+  deepest ancestor still kept for the same identity (Tiled's ``get_entry``
+  with that node as its root), and concurrent walks of one node with no
+  write between them are one walk.
 * **Until a file changes.** Nodes inside a file (the groups and datasets of a
   registered NeXus file) are found by opening it; such an entry is reused
   only while every file opened for it stats the same (device, inode, size,
   mtime). Reading data from a catalog node still opens its files, confined
-  and checked, on every request.
+  and checked, on every request; the reader Tiled's ``get_adapter`` builds
+  for a kept catalog node is reused while the files it confined stat the
+  same.
 * **Bounded.** At most ``size`` (4096) entries, least recently used first
   out, each for at most ``SCATTERBROKER_RESPONSE_CACHE_TTL`` seconds (10).
 
@@ -187,9 +193,9 @@ class EntryCache:
                 kept = await asyncio.shield(flight[1])
             except asyncio.CancelledError:
                 task = asyncio.current_task()
-                if task is None or getattr(task, "cancelling", lambda: 1)():
+                if task is not None and getattr(task, "cancelling", lambda: 0)():
                     raise  # this request was cancelled, not the walk
-                kept = None
+                kept = None  # the walking request went away: walk here
             except Exception:  # the walk failed: walk again, meet the error first hand
                 kept = None
             if kept is not None:

@@ -19,7 +19,8 @@ comes again:
   ``Cookie``), so the access policy's decision is the one taken for it.
 * **Invalidated by writes.** Every other method (``POST``, ``PUT``,
   ``PATCH``, ``DELETE``) that passes through marks its node path when it
-  arrives and again when it has answered. An answer about node *Q*, stored
+  arrives and again when it has answered (:mod:`scatterbroker.write_log`,
+  whose log the entry cache reads too). An answer about node *Q*, stored
   from a request that started before such a mark, is dropped if the write was
   at *Q* or below it (a child created, a frame appended, a table row added: a
   listing of *Q* shows them) or exactly at an ancestor of *Q* (metadata and

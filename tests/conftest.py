@@ -58,6 +58,27 @@ def write_cbf(path: Path, frame: np.ndarray, index: int = 0) -> None:
     ).write(str(path))
 
 
+def files_that_change(directory: Path, frames: np.ndarray) -> None:
+    """``grow.h5`` (dataset ``data``: the first 2 of ``frames``) and ``one.cbf`` (frame 0)."""
+    import h5py
+
+    with h5py.File(directory / "grow.h5", "w") as f:
+        f.create_dataset("data", data=frames[:2])
+    write_cbf(directory / "one.cbf", frames[0])
+
+
+def change_files(directory: Path, frames: np.ndarray) -> None:
+    """Replace both files of :func:`files_that_change` on disk (atomic rename, as a copy tool
+    does): ``grow.h5`` then holds all of ``frames``, ``one.cbf`` frame 2."""
+    import h5py
+
+    with h5py.File(directory / ".grow.tmp", "w") as f:
+        f.create_dataset("data", data=frames)
+    (directory / ".grow.tmp").replace(directory / "grow.h5")
+    write_cbf(directory / ".one.tmp", frames[2])
+    (directory / ".one.tmp").replace(directory / "one.cbf")
+
+
 def make_frames(n: int = N_FRAMES, seed: int = 0, dtype="int32") -> np.ndarray:
     rng = np.random.default_rng(seed)
     frames = rng.poisson(3.0, (n, *FRAME_SHAPE)).astype(dtype)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 
-import h5py
 import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import API_KEY, make_frames, write_cbf
+from conftest import API_KEY, change_files, files_that_change, make_frames, write_cbf
 
 from scatterbroker import entry_cache
 from scatterbroker.server import build_app, local_config, serve_in_thread
@@ -150,9 +149,7 @@ def test_files_changed_on_disk_are_found_afresh(served, http, cache, data):
     d = data / "onfile"
     d.mkdir()
     frames = make_frames(3, seed=11)
-    with h5py.File(d / "grow.h5", "w") as f:
-        f.create_dataset("data", data=frames[:2])
-    write_cbf(d / "one.cbf", frames[0])
+    files_that_change(d, frames)
     register(from_uri(served[0], api_key=API_KEY), d, prefix="onfile")
     assert metadata(http, "onfile/grow/data")["structure"]["shape"][0] == 2
     assert reused(cache, lambda: metadata(http, "onfile/grow/data"))["structure"]["shape"][0] == 2
@@ -160,12 +157,7 @@ def test_files_changed_on_disk_are_found_afresh(served, http, cache, data):
     http.get(f"array/full/onfile/{cbf}", headers=OCTET)
     got = reused(cache, lambda: http.get(f"array/full/onfile/{cbf}", headers=OCTET))
     assert np.array_equal(np.frombuffer(got.content, "int32"), frames[0].ravel())
-    # both replaced on disk (atomic rename), no catalog write
-    with h5py.File(d / ".grow.tmp", "w") as f:
-        f.create_dataset("data", data=frames)
-    (d / ".grow.tmp").replace(d / "grow.h5")
-    write_cbf(d / ".one.tmp", frames[2])
-    (d / ".one.tmp").replace(d / "one.cbf")
+    change_files(d, frames)  # both replaced on disk, no catalog write
     assert metadata(http, "onfile/grow/data")["structure"]["shape"][0] == 3
     got = http.get(f"array/full/onfile/{cbf}", headers=OCTET)
     assert np.array_equal(np.frombuffer(got.content, "int32"), frames[2].ravel())

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import API_KEY, make_frames, start_server, write_cbf
+from conftest import API_KEY, change_files, files_that_change, make_frames, start_server
 
 from scatterbroker.response_cache import ResponseCache, enabled_by_default
 from scatterbroker.server import build_app, local_config, serve_in_thread
@@ -141,7 +141,6 @@ def test_conditional_requests_and_large_answers_go_to_tiled(http, top):
 def test_files_changed_on_disk_are_read_afresh(tmp_path):
     """Raw files should not change, but a file replaced or grown in place must not be
     answered from before: answers that came from files are replayed only while they stat the same."""
-    import h5py
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
@@ -149,9 +148,7 @@ def test_files_changed_on_disk_are_read_afresh(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
     frames = make_frames(3, seed=7)
-    with h5py.File(d / "grow.h5", "w") as f:
-        f.create_dataset("data", data=frames[:2])
-    write_cbf(d / "one.cbf", frames[0])
+    files_that_change(d, frames)
     with start_server(tmp_path / "db", [d]) as url, httpx.Client(
             base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
         register(from_uri(url, api_key=API_KEY), d, prefix="d")
@@ -161,12 +158,7 @@ def test_files_changed_on_disk_are_read_afresh(tmp_path):
         cbf = sorted(n for n in from_uri(url, api_key=API_KEY)["d"] if n != "grow")[0]
         got = twice(http, f"array/full/d/{cbf}", headers=octet)
         assert np.array_equal(np.frombuffer(got.content, "int32"), frames[0].ravel())
-        # replaced on disk (atomic rename), no catalog write
-        with h5py.File(d / ".grow.tmp", "w") as f:
-            f.create_dataset("data", data=frames)
-        (d / ".grow.tmp").replace(d / "grow.h5")
-        write_cbf(d / ".one.tmp", frames[2])
-        (d / ".one.tmp").replace(d / "one.cbf")
+        change_files(d, frames)  # both replaced on disk, no catalog write
         after = http.get("metadata/d/grow/data")
         assert HIT not in after.headers and after.json()["data"]["attributes"]["structure"]["shape"][0] == 3
         got = http.get(f"array/full/d/{cbf}", headers=octet)
