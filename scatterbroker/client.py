@@ -50,6 +50,7 @@ from tiled.client.array import ArrayClient
 from tiled.structures.core import Spec
 
 from . import _wire
+from .environment import env_flag
 
 __all__ = ["FastArrayClient", "SPEC", "CLIENT_THREADS", "BLOCK_BYTES"]
 
@@ -65,7 +66,7 @@ CLIENT_THREADS = int(os.environ.get("SCATTERBROKER_CLIENT_THREADS") or 4)
 #: codec for non-loopback servers: none, lz4, zstd or blosc2 ("auto": blosc2)
 CODEC = os.environ.get("SCATTERBROKER_CODEC", "auto")
 #: accept Bitshuffle-LZ4 chunks as stored and decode them here (0: let the server decode)
-DIRECT_CHUNKS = os.environ.get("SCATTERBROKER_DIRECT_CHUNKS", "1") not in ("0", "false", "no")
+DIRECT_CHUNKS = env_flag("SCATTERBROKER_DIRECT_CHUNKS", True)
 #: seconds to wait on the server for one block
 TIMEOUT = float(os.environ.get("SCATTERBROKER_TIMEOUT") or 60)
 

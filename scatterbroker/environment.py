@@ -16,6 +16,21 @@ from pathlib import Path
 
 PREFIX = "SCATTERBROKER_"
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+
+
+def env_flag(name: str, default: bool, environ: MutableMapping[str, str] = os.environ) -> bool:
+    """An on/off environment variable: unset or blank is ``default``; ``1/true/yes/on`` and
+    ``0/false/no/off`` (any case) are on and off; anything else is a ValueError naming it."""
+    text = environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in _ON:
+        return True
+    if text in _OFF:
+        return False
+    raise ValueError(f"{name}={environ[name]!r}: expected one of {', '.join(_ON + _OFF)}")
 
 
 def load_secret_files(environ: MutableMapping[str, str] = os.environ) -> list[str]:

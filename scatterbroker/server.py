@@ -20,7 +20,7 @@ from . import request_overhead
 from .adapters import registry
 from .adapters.roots import normalize_roots
 from .catalog.guard import guard
-from .environment import check_environment
+from .environment import check_environment, env_flag
 
 #: Where ``scatterbroker serve`` keeps its catalog and written data by default.
 DEFAULT_DATA_DIR = Path(os.environ.get("SCATTERBROKER_DATA", "scatterbroker-data"))
@@ -241,7 +241,7 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     if response_cache or entry_cache:
         app.add_middleware(WriteMarks, log=log)
     app.add_middleware(FastLane)  # added last: outermost
-    if freeze_gc and os.environ.get("SCATTERBROKER_GC_FREEZE", "1").strip() != "0":
+    if freeze_gc and env_flag("SCATTERBROKER_GC_FREEZE", True):
         freeze_after_startup(app)
     app.add_exception_handler(OSError, _storage_full)
     return app

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .environment import env_flag
+
 __all__ = ["API", "NODE_ROUTES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl", "enabled_by_default",
            "env_number", "split_node_route"]
 
@@ -47,11 +49,9 @@ def cache_ttl() -> float:
 
 
 def enabled_by_default(one_process: bool, variable: str = "SCATTERBROKER_RESPONSE_CACHE") -> bool:
-    """The environment ``variable`` (1/0) if set, else whether the server is one process."""
-    text = os.environ.get(variable, "").strip().lower()
-    if text:
-        return text not in ("0", "false", "no", "off")
-    return one_process
+    """The environment ``variable`` (:func:`~scatterbroker.environment.env_flag`) if set,
+    else whether the server is one process."""
+    return env_flag(variable, one_process)
 
 
 def split_node_route(path: str, routes: Any = NODE_ROUTES) -> tuple[str, str] | None:
