@@ -55,13 +55,16 @@ def enabled_by_default(one_process: bool, variable: str = "SCATTERBROKER_RESPONS
 
 
 def split_node_route(path: str, routes: Any = NODE_ROUTES) -> tuple[str, str] | None:
-    """(route, node path) of a URL path ``{API}{route}/{node}``, or None for any other URL."""
+    """(route, node path) of a URL path ``{API}{route}/{node}``, or None for any other URL.
+
+    The node path is the one Tiled walks: empty segments dropped (``a//b/`` is ``a/b``).
+    """
     if not path.startswith(API):
         return None
     rest = path[len(API):]
     for route in routes:
         if rest.startswith(route + "/") or rest == route:
-            return route, rest[len(route) + 1:].strip("/")
+            return route, "/".join(segment for segment in rest[len(route) + 1:].split("/") if segment)
     return None
 
 

@@ -113,6 +113,12 @@ def test_a_walk_is_reused_until_the_node_or_one_above_is_written(http, cache, to
     # and re-created under the same names: the new nodes, not the old ones
     top.create_container("a").create_container("b", metadata={"m": "new"})
     assert metadata(http, f"{name}/a/b")["metadata"] == {"m": "new"}
+    # a write spelled with empty segments is the same node to Tiled, and to the cache
+    reused(cache, lambda: metadata(http, f"{name}/a/b"))
+    patched = http.patch(f"metadata/{name}//a/b/", json={
+        "content-type": "application/merge-patch+json", "metadata": {"m": "patched"}, "specs": None})
+    assert patched.status_code == 200, patched.text
+    assert metadata(http, f"{name}/a/b")["metadata"] == {"m": "patched"}
 
 
 def test_arrays_and_tables_written_are_read_at_once(http, cache, top):
