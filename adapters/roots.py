@@ -37,6 +37,14 @@ def note_read(path: str | os.PathLike[str], st: os.stat_result) -> None:
         seen.append((os.fspath(path), file_stamp(st)))
 
 
+def one_stamp_each(files: Iterable[tuple[str, tuple[int, ...]]]) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
+    """The ``(path, file_stamp)`` pairs of :data:`files_read`, one per file, or None if a file
+    showed two stamps (it changed while it was read: what came from it may be either version)."""
+    files = list(files)
+    stamps = dict(files)
+    return tuple(stamps.items()) if len(stamps) == len(set(files)) else None
+
+
 def unchanged(stamps: Iterable[tuple[str, tuple[int, ...]]]) -> bool:
     """True if every ``(path, file_stamp)`` still holds (same device, inode, size and mtime)."""
     for path, stamp in stamps:

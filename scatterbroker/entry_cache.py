@@ -57,8 +57,8 @@ import tiled.server.dependencies
 import tiled.server.router
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapters.roots import files_read, unchanged
-from .write_log import WriteLog, ancestors, cache_ttl
+from .adapters.roots import files_read, one_stamp_each, unchanged
+from .write_log import WriteLog, ancestors, cache_ttl, node_path
 
 __all__ = ["EntryCache", "install", "get_entry", "cache_for", "who"]
 
@@ -97,12 +97,6 @@ async def _noting_files(make: Callable[[], Awaitable[Any]]) -> tuple[Any, list]:
     finally:
         files_read.reset(token)
     return result, files
-
-
-def _stamps(files: list) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
-    """One stamp per file, or None if a file showed two (it changed while it was read)."""
-    stamps = dict(files)
-    return tuple(stamps.items()) if len(stamps) == len(set(files)) else None
 
 
 def _pass_on(files: Any) -> None:
@@ -148,7 +142,7 @@ class EntryCache:
                         session_state: dict, metrics: dict, structure_families: Any = None,
                         access_policy: Any = None) -> Any:
         """Tiled's ``get_entry`` (same arguments, same result, same errors), reused when fresh."""
-        node = "/".join(segment for segment in path.split("/") if segment)
+        node = node_path(path)
         identity = who(principal, authn_access_tags, authn_scopes, session_state)
 
         async def walk() -> Any:
@@ -223,7 +217,7 @@ class EntryCache:
             if flight is not None and flight[1] is future:  # not a later walk's
                 del self._flights[key]
         _pass_on(files)
-        stamps = _stamps(files)
+        stamps = one_stamp_each(files)
         kept = _Kept(start, time.monotonic(), entry, stamps or ())
         future.set_result(kept)
         # Not kept if a write overlapped the walk or a file changed while it was opened.
@@ -254,7 +248,7 @@ def _reuse_io_adapter(entry: Any) -> None:
             return last[0][0]
         adapter, files = await _noting_files(build)
         _pass_on(files)
-        stamps = _stamps(files)
+        stamps = one_stamp_each(files)
         last[:] = [] if stamps is None else [(adapter, stamps)]
         return adapter
 

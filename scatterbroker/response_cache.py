@@ -68,7 +68,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from tiled.server.app import CSRF_COOKIE_NAME
 
-from .adapters.roots import files_read, unchanged
+from .adapters.roots import files_read, one_stamp_each, unchanged
 from .fastpath import _authorize, _who
 from .write_log import WriteLog, cache_ttl, enabled_by_default, env_number, split_node_route
 
@@ -218,12 +218,12 @@ class ResponseCache:
                 else:
                     parts.append(bytes(body))
                 if keep and not message.get("more_body", False):
-                    stamps = dict(files)
-                    if len(stamps) == len(set(files)):  # else a file changed while it was read
+                    stamps = one_stamp_each(files)
+                    if stamps is not None:  # else a file changed while it was read
                         self._store(key, _Answer(
                             start, time.monotonic(),
                             [(n, v) for n, v in head.get("headers") or () if n.lower() not in UNREPLAYED],
-                            b"".join(parts), node, tuple(stamps.items())))
+                            b"".join(parts), node, stamps))
             await send(message)
 
         self.stats["miss"] += 1

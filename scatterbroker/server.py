@@ -226,8 +226,8 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     # scatterbroker.fastpath.FastLane); everything else is Tiled's app.
     from .fastpath import FastLane
     from . import entry_cache as entries
-    from .response_cache import ResponseCache, enabled_by_default
-    from .write_log import WriteLog, WriteMarks
+    from .response_cache import ResponseCache
+    from .write_log import WriteLog, WriteMarks, enabled_by_default
 
     if response_cache is None:
         response_cache = enabled_by_default(one_process=True)
@@ -309,7 +309,7 @@ def app_factory():
             uvicorn --factory scatterbroker.server:app_factory --workers 4 --port 8000
         # or: gunicorn -k uvicorn.workers.UvicornWorker -w 4 'scatterbroker.server:app_factory()'
     """
-    from .response_cache import enabled_by_default
+    from .write_log import enabled_by_default
 
     # Each worker sees only its own writes: no worker may replay answers (unless told to).
     return build_app(os.environ.get("SCATTERBROKER_CONFIG") or os.environ.get("TILED_CONFIG", "config.yml"),

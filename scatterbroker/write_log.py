@@ -24,7 +24,7 @@ from typing import Any
 from .environment import env_flag
 
 __all__ = ["API", "NODE_ROUTES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl", "enabled_by_default",
-           "env_number", "split_node_route"]
+           "env_number", "node_path", "split_node_route"]
 
 API = "/api/v1/"
 #: every Tiled route (any method) whose URL is ``{API}{route}/{node path}``, and ours
@@ -54,17 +54,22 @@ def enabled_by_default(one_process: bool, variable: str = "SCATTERBROKER_RESPONS
     return env_flag(variable, one_process)
 
 
+def node_path(path: str) -> str:
+    """A node path as Tiled walks it: its segments without the empty ones (``/a//b/`` is ``a/b``)."""
+    return "/".join(segment for segment in path.split("/") if segment)
+
+
 def split_node_route(path: str, routes: Any = NODE_ROUTES) -> tuple[str, str] | None:
     """(route, node path) of a URL path ``{API}{route}/{node}``, or None for any other URL.
 
-    The node path is the one Tiled walks: empty segments dropped (``a//b/`` is ``a/b``).
+    The node path is the one Tiled walks (:func:`node_path`).
     """
     if not path.startswith(API):
         return None
     rest = path[len(API):]
     for route in routes:
         if rest.startswith(route + "/") or rest == route:
-            return route, "/".join(segment for segment in rest[len(route) + 1:].split("/") if segment)
+            return route, node_path(rest[len(route) + 1:])
     return None
 
 
