@@ -20,7 +20,7 @@ written on the way, so :class:`EntryCache` keeps it:
   ``read:data``) are cached; every write route walks as Tiled does.
 * **Until a write.** An entry is dropped when, after its walk started, a
   write reached the node itself or one of its ancestors
-  (:class:`scatterbroker.write_log.WriteLog`, ``below=False``: a write
+  (:class:`scatterbroker.write_log.WriteLog`, ``reach="node"``: a write
   further down, say a frame appended to a child, does not change the node's
   own row, and the routes query a container's children afresh anyway). A
   walk that overlapped a write is not kept. A new walk starts from the
@@ -120,7 +120,7 @@ class EntryCache:
 
     def _fresh(self, node: str, kept: _Kept) -> bool:
         return (time.monotonic() - kept.born <= self.ttl
-                and not self.log.changed_since(node, kept.start, below=False)
+                and not self.log.changed_since(node, kept.start, reach="node")
                 and unchanged(kept.files))
 
     def _forget(self, key: tuple) -> None:

@@ -20,13 +20,28 @@ comes again:
 * **Invalidated by writes.** Every other method (``POST``, ``PUT``,
   ``PATCH``, ``DELETE``) that passes through marks its node path when it
   arrives and again when it has answered (:mod:`scatterbroker.write_log`,
-  whose log the entry cache reads too). An answer about node *Q*, stored
-  from a request that started before such a mark, is dropped if the write was
-  at *Q* or below it (a child created, a frame appended, a table row added: a
-  listing of *Q* shows them) or exactly at an ancestor of *Q* (metadata and
-  access of the ancestor, a deleted subtree). A write whose node cannot be
-  told from its URL (``/jobs``, ``/auth``, ...) drops everything. A read that
-  overlapped a write is therefore never kept.
+  whose log the entry cache reads too; a ``DELETE`` of a node marks its
+  parent too). An answer about node *Q*, stored from a request that started
+  before such a mark, is dropped if the write was exactly at *Q* or at an
+  ancestor of *Q* (metadata, structure and access; a child created is marked
+  at *Q*; a deleted subtree), or of unknown node (``/jobs``, ``/auth``, ...:
+  everything is dropped), and further by route:
+
+  - a listing (``/search``) also on a write exactly at a child of *Q*: it
+    shows each child's metadata, structure (an array's shape) and count of
+    children, and nothing deeper. A frame appended to ``live/scan/frames``
+    drops the listing of ``live/scan``, not those of ``live`` or the root;
+  - ``/container/full`` and ``/node/full`` on a write anywhere under *Q*;
+  - the other routes (``/metadata``, arrays, tables) on nothing more.
+
+  A read that overlapped a write is therefore never kept.
+* **One answer for identical requests in flight.** A request identical to
+  one Tiled is answering (same key as a replay), arriving when nothing it
+  shows has been written since that one arrived, waits for its answer and
+  gets it as a replay instead of asking Tiled again: 32 live displays polling
+  one scan's ``headers`` cost one query. If that answer cannot be kept (too
+  large, not 200, a file changed while it was read), the waiters ask Tiled
+  themselves, and later requests for that key stop waiting for each other.
 * **Files unchanged.** Answers that came from files (frames, the groups and
   datasets inside a registered HDF5/NeXus file) depend on more than the
   catalog: the adapters record each file they confine or open, with its
@@ -58,10 +73,11 @@ without Tiled's ``Server-Timing``, with a request id of its own
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -74,16 +90,17 @@ from .write_log import WriteLog, cache_ttl, enabled_by_default, env_number, spli
 
 __all__ = ["ResponseCache", "enabled_by_default"]
 
-#: GET routes whose answers are kept, with the scopes Tiled requires for them
+#: GET routes whose answers are kept: the scopes Tiled requires for them, and how
+#: far below their node a write may change them (WriteLog.changed_since's ``reach``)
 READ_ROUTES = {
-    "metadata": ["read:metadata"],
-    "search": ["read:metadata"],
-    "array/full": ["read:data"],
-    "array/block": ["read:data"],
-    "table/full": ["read:data"],
-    "table/partition": ["read:data"],
-    "container/full": ["read:data"],
-    "node/full": ["read:data"],
+    "metadata": (["read:metadata"], "node"),
+    "search": (["read:metadata"], "children"),
+    "array/full": (["read:data"], "node"),
+    "array/block": (["read:data"], "node"),
+    "table/full": (["read:data"], "node"),
+    "table/partition": (["read:data"], "node"),
+    "container/full": (["read:data"], "subtree"),
+    "node/full": (["read:data"], "subtree"),
 }
 #: request headers that do not enter the key (the principal stands for the first two)
 UNKEYED = {b"authorization", b"cookie", b"connection", b"keep-alive", b"x-tiled-request-id"}
@@ -92,6 +109,8 @@ BYPASS = {b"origin", b"if-none-match", b"if-modified-since", b"if-match", b"rang
 #: response headers not replayed (the request id is the new request's, as Tiled makes it)
 REQUEST_ID = b"x-tiled-request-id"
 UNREPLAYED = {b"server-timing", REQUEST_ID, b"set-cookie"}
+#: keys remembered as not worth waiting for (their answers were too large or not 200)
+MAX_SOLO = 4096
 
 
 def _csrf_cookie() -> tuple[bytes, bytes]:
@@ -110,7 +129,17 @@ class _Answer:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     node: str
+    reach: str  # how far below node a write changes it (WriteLog.changed_since)
     files: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (path, stamp) of each file read
+
+
+@dataclass
+class _Flight:
+    """A request being answered by Tiled, which identical requests arriving meanwhile may wait for."""
+
+    start: int  # the write tick when it arrived
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    answer: _Answer | None = None  # set if its answer could be kept (fresh or not by then)
 
 
 class ResponseCache:
@@ -120,7 +149,8 @@ class ResponseCache:
     :class:`~scatterbroker.write_log.WriteMarks` in front of this middleware
     fills with every write. ``max_bytes`` bounds the bodies kept,
     ``item_bytes`` one body, ``ttl`` the seconds an answer is kept at most.
-    ``stats`` counts hits, misses (answered by Tiled, kept if eligible) and
+    ``stats`` counts hits (replays of kept answers), joined (replays of an
+    answer in flight), misses (answered by Tiled, kept if eligible) and
     passes (requests not eligible).
     """
 
@@ -135,7 +165,9 @@ class ResponseCache:
         self.ttl = float(ttl if ttl is not None else cache_ttl())
         self._answers: OrderedDict[tuple, _Answer] = OrderedDict()
         self._bytes = 0
-        self.stats = {"hit": 0, "miss": 0, "pass": 0}
+        self._flights: dict[tuple, _Flight] = {}
+        self._solo: OrderedDict[tuple, None] = OrderedDict()  # keys whose last answer was not kept
+        self.stats = {"hit": 0, "joined": 0, "miss": 0, "pass": 0}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -144,7 +176,7 @@ class ResponseCache:
             await self.app(scope, receive, send)
 
     def _stale(self, answer: _Answer) -> bool:
-        if self.log.changed_since(answer.node, answer.start, below=True):
+        if self.log.changed_since(answer.node, answer.start, reach=answer.reach):
             return True
         if time.monotonic() - answer.born > self.ttl:
             return True
@@ -167,7 +199,7 @@ class ResponseCache:
         request.state.cookies_to_set = []
         request.state.principal = None
         try:
-            auth = await _authorize(request, READ_ROUTES[route])
+            auth = await _authorize(request, READ_ROUTES[route][0])
         except Exception:  # 401/403 and anything else: Tiled answers it, with its own message
             auth = None
         if auth is None or request.state.cookies_to_set:
@@ -184,7 +216,18 @@ class ResponseCache:
                 await self._replay(answer, headers, CSRF_COOKIE_NAME in request.cookies, send)
                 return
             self._drop(key)
-        await self._fill(key, node, scope, receive, send)
+        flight = self._flights.get(key)
+        if flight is not None and key not in self._solo and not self.log.changed_since(
+                node, flight.start, reach=READ_ROUTES[route][1]):
+            # The same request is being answered and nothing it shows was
+            # written since it arrived: its answer is one this request may get.
+            await flight.done.wait()
+            answer = flight.answer
+            if answer is not None and unchanged(answer.files):
+                self.stats["joined"] += 1
+                await self._replay(answer, headers, CSRF_COOKIE_NAME in request.cookies, send)
+                return
+        await self._fill(key, node, READ_ROUTES[route][1], scope, receive, send)
 
     async def _replay(self, answer: _Answer, request_headers: Any, has_csrf: bool, send: Any) -> None:
         ids = [v for n, v in request_headers if n == REQUEST_ID]
@@ -195,8 +238,9 @@ class ResponseCache:
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
-    async def _fill(self, key: tuple, node: str, scope: dict, receive: Any, send: Any) -> None:
+    async def _fill(self, key: tuple, node: str, reach: str, scope: dict, receive: Any, send: Any) -> None:
         start = self.log.tick
+        flight = self._flights[key] = _Flight(start)
         head: dict = {}
         parts: list[bytes] = []
         size = 0
@@ -220,10 +264,11 @@ class ResponseCache:
                 if keep and not message.get("more_body", False):
                     stamps = one_stamp_each(files)
                     if stamps is not None:  # else a file changed while it was read
-                        self._store(key, _Answer(
+                        flight.answer = _Answer(
                             start, time.monotonic(),
                             [(n, v) for n, v in head.get("headers") or () if n.lower() not in UNREPLAYED],
-                            b"".join(parts), node, stamps))
+                            b"".join(parts), node, reach, stamps)
+                        self._store(key, flight.answer)
             await send(message)
 
         self.stats["miss"] += 1
@@ -234,6 +279,21 @@ class ResponseCache:
             await self.app(scope, receive, capture)
         finally:
             files_read.reset(token)
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
+            self._note_solo(key, flight.answer is None)
+
+    def _note_solo(self, key: tuple, solo: bool) -> None:
+        """Remember (a bounded number of) keys whose answer could not be kept: requests for
+        them do not wait for each other, since they would have to ask Tiled again anyway."""
+        if not solo:
+            self._solo.pop(key, None)
+            return
+        self._solo[key] = None
+        self._solo.move_to_end(key)
+        while len(self._solo) > MAX_SOLO:
+            self._solo.popitem(last=False)
 
     def _store(self, key: tuple, answer: _Answer) -> None:
         if self._stale(answer):

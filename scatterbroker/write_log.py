@@ -8,7 +8,8 @@ what they hold. :class:`WriteMarks`, an ASGI middleware in front of Tiled's
 app, marks the node path of every request that is not a ``GET``, ``HEAD`` or
 ``OPTIONS`` in a :class:`WriteLog`, once when it arrives and once when it
 answers (it has committed by then: a read the client sends after the answer
-must see it) or fails. A cached thing remembers the log's tick when the
+must see it) or fails; a ``DELETE`` of a node marks its parent as well
+(its count of children changed). A cached thing remembers the log's tick when the
 request that made it started, and asks :meth:`WriteLog.changed_since`.
 
 A write whose node cannot be told from its URL (``/jobs``, ``/auth``, ...)
@@ -23,8 +24,8 @@ from typing import Any
 
 from .environment import env_flag
 
-__all__ = ["API", "NODE_ROUTES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl", "enabled_by_default",
-           "env_number", "node_path", "split_node_route"]
+__all__ = ["API", "NODE_ROUTES", "REACHES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl",
+           "enabled_by_default", "env_number", "node_path", "split_node_route"]
 
 API = "/api/v1/"
 #: every Tiled route (any method) whose URL is ``{API}{route}/{node path}``, and ours
@@ -79,42 +80,72 @@ def ancestors(node: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(len(parts))]
 
 
+#: how far below a node a write may change what was read of it (:meth:`WriteLog.changed_since`)
+REACHES = ("node", "children", "subtree")
+
+
 class WriteLog:
     """Ticks of the writes seen, by node path.
 
     ``tick`` counts marks. For a node path, the log keeps the last tick of a
-    write exactly at it and the last tick of a write at it or below it.
+    write exactly at it, of one exactly at one of its children, and of one at
+    it or anywhere below it.
     """
 
     def __init__(self) -> None:
         self.tick = 0
         self._all = 0  # the last tick of a write of unknown node (or of forgetting)
         self._at: dict[str, int] = {}
+        self._kids: dict[str, int] = {}
         self._under: dict[str, int] = {}
 
-    def mark(self, node: str | None) -> None:
-        """Record a write at ``node`` (``None``: a write that may have changed anything)."""
+    def mark(self, node: str | None, *, removed: bool = False) -> None:
+        """Record a write at ``node`` (``None``: a write that may have changed anything).
+
+        ``removed``: the write deletes ``node``, so its parent's contents (the
+        count of children its metadata and its parent's listing show) changed
+        too; the parent is marked as written as well.
+        """
         self.tick += 1
         if node is None or len(self._under) > MAX_MARKS:
             self._all = self.tick
             self._at.clear()
+            self._kids.clear()
             self._under.clear()
             return
+        lineage = ancestors(node)
         self._at[node] = self.tick
-        for path in (*ancestors(node), node):
+        if lineage:
+            self._kids[lineage[-1]] = self.tick
+            if removed:
+                self._at[lineage[-1]] = self.tick
+                if len(lineage) > 1:
+                    self._kids[lineage[-2]] = self.tick
+        for path in (*lineage, node):
             self._under[path] = self.tick
 
-    def changed_since(self, node: str, start: int, *, below: bool) -> bool:
+    def changed_since(self, node: str, start: int, *, reach: str) -> bool:
         """Whether a write since tick ``start`` may have changed what was read of ``node``.
 
         Always: a write exactly at ``node`` or at one of its ancestors (their
-        metadata and access; a deleted subtree), or of unknown node. With
-        ``below`` also a write anywhere under ``node`` (a child created, a
-        frame appended: what a listing or a read of its contents shows).
+        metadata and access; a deleted subtree), or of unknown node. Then, by
+        ``reach`` (one of :data:`REACHES`), writes below ``node`` that what was
+        read shows:
+
+        * ``"node"``: none (its metadata and structure, a child's creation
+          marked at ``node`` and a child's deletion at its parent included);
+        * ``"children"``: a write exactly at one of its children (a listing
+          shows each child's metadata, structure and count of children);
+        * ``"subtree"``: a write anywhere under it (what reads the data of
+          every descendant).
         """
-        if self._all > start:
+        if reach not in REACHES:
+            raise ValueError(f"reach must be one of {REACHES}, not {reach!r}")
+        if self._all > start or self._at.get(node, 0) > start:
             return True
-        if (self._under if below else self._at).get(node, 0) > start:
+        if reach == "children" and self._kids.get(node, 0) > start:
+            return True
+        if reach == "subtree" and self._under.get(node, 0) > start:
             return True
         return any(self._at.get(path, 0) > start for path in ancestors(node))
 
@@ -132,18 +163,19 @@ class WriteMarks:
             return
         split = split_node_route(scope["path"])
         node = None if split is None else split[1]
+        removed = scope["method"] == "DELETE" and split is not None and split[0] == "metadata"
         answered = False
 
         async def mark_on_answer(message: dict) -> None:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                self.log.mark(node)
+                self.log.mark(node, removed=removed)
             await send(message)
 
-        self.log.mark(node)
+        self.log.mark(node, removed=removed)
         try:
             await self.app(scope, receive, mark_on_answer)
         finally:
             if not answered:
-                self.log.mark(node)
+                self.log.mark(node, removed=removed)

@@ -23,11 +23,22 @@ HIT = "x-sb-cache"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("cache")
-    app = build_app(local_config(data / "data", [], api_key=API_KEY))
+def app(tmp_path_factory):
+    return build_app(local_config(tmp_path_factory.mktemp("cache") / "data", [], api_key=API_KEY))
+
+
+@pytest.fixture(scope="module")
+def server(app):
     with serve_in_thread(app) as url:
         yield url
+
+
+def cache_of(app) -> ResponseCache:
+    """The app's ResponseCache instance (Starlette builds its middleware on the first request)."""
+    layer = app.middleware_stack
+    while not isinstance(layer, ResponseCache):
+        layer = layer.app
+    return layer
 
 
 @pytest.fixture
@@ -87,6 +98,76 @@ def test_every_write_is_seen_by_the_next_read(http, top):
     child.delete(recursive=True)  # DELETE at new: deep and deeper go with it
     assert http.get(f"metadata/{name}/new/deep/deeper").status_code == 404
     assert http.get(f"search/{name}").json()["data"] == []
+
+
+def count_of(listing: httpx.Response, child: str) -> int:
+    """The count of children a listing shows for ``child``."""
+    (entry,) = [d for d in listing.json()["data"] if d["id"] == child]
+    return entry["attributes"]["structure"]["count"]
+
+
+def test_a_listing_is_kept_past_writes_below_its_children(http, top):
+    """A listing shows its children (metadata, structure, count of children), nothing deeper:
+    a write two levels down keeps it, a write at a child or a deleted grandchild does not."""
+    name = top.item["id"]
+    a = top.create_container("a")
+    b = a.create_container("b", metadata={"n": 1})
+    twice(http, f"search/{name}")
+    twice(http, f"search/{name}/a")
+    b.update_metadata(metadata={"n": 2})  # a grandchild of the listed node
+    assert http.get(f"search/{name}").headers.get(HIT) == "hit"
+    below = http.get(f"search/{name}/a")
+    assert HIT not in below.headers and below.json()["data"][0]["attributes"]["metadata"]["n"] == 2
+    # an array two levels down grows (the watcher appending a frame)
+    frames = b.write_array(np.zeros((1, 2, 2), dtype="int32"), key="frames")
+    assert count_of(twice(http, f"search/{name}"), "a") == 1
+    listing = twice(http, f"search/{name}/a/b")
+    frames.patch(np.ones((1, 2, 2), dtype="int32"), offset=(1,), extend=True)
+    assert http.get(f"search/{name}").headers.get(HIT) == "hit"
+    shown = http.get(f"search/{name}/a/b")
+    assert HIT not in shown.headers and shown.content != listing.content
+    assert shown.json()["data"][0]["attributes"]["structure"]["shape"] == [2, 2, 2]
+    # a grandchild deleted: the child's count in the listing, and the child's own metadata
+    twice(http, f"metadata/{name}/a")
+    gone = http.delete(f"metadata/{name}/a/b", params={"recursive": True, "external_only": False})
+    assert gone.status_code == 200, gone.text
+    assert count_of(http.get(f"search/{name}"), "a") == 0
+    assert http.get(f"metadata/{name}/a").json()["data"]["attributes"]["structure"]["count"] == 0
+    # and a write at the child itself
+    twice(http, f"search/{name}")
+    a.update_metadata(metadata={"sample": "Si"})
+    listing = http.get(f"search/{name}")
+    assert HIT not in listing.headers
+    assert listing.json()["data"][0]["attributes"]["metadata"] == {"sample": "Si"}
+
+
+def test_identical_requests_in_flight_share_one_answer(app, http, top):
+    """Clients polling one node at once are answered by one Tiled request; none of them gets
+    an answer from before a write it follows."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    name = top.item["id"]
+    for i in range(60):  # a listing Tiled takes a while to answer
+        top.create_container(f"c{i:02}", metadata={"i": i, "note": "x" * 200})
+    cache = cache_of(app)
+    path, params = f"search/{name}", {"page[limit]": 100}
+    gate = Barrier(16)
+
+    def poll(_):
+        gate.wait()
+        return http.get(path, params=params)
+
+    for round_ in range(3):
+        top[f"c{round_:02}"].update_metadata(metadata={"i": -round_})  # nothing kept survives this
+        before = dict(cache.stats)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(poll, range(16)))
+        assert all(r.status_code == 200 for r in answers)
+        assert len({r.content for r in answers}) == 1
+        assert answers[0].json()["data"][round_]["attributes"]["metadata"]["i"] == -round_
+        assert cache.stats["miss"] - before["miss"] < 16
+    assert cache.stats["joined"] > 0
 
 
 def test_array_and_table_writes_are_seen(http, top):

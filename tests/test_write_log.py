@@ -1,0 +1,51 @@
+"""What a write at one node changes, as the read caches ask it (scatterbroker.write_log.WriteLog)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scatterbroker.write_log import WriteLog
+
+
+def test_each_reach_sees_the_writes_its_reads_show():
+    log = WriteLog()
+    start = log.tick
+    log.mark("raw/p1/s1/scan/frames")  # a frame appended to a live scan
+    seen = {node: [log.changed_since(node, start, reach=r) for r in ("node", "children", "subtree")]
+            for node in ("", "raw/p1/s1", "raw/p1/s1/scan", "raw/p1/s1/scan/frames", "raw/p2")}
+    assert seen == {
+        "": [False, False, True],  # the root's listing shows raw, not what is under it
+        "raw/p1/s1": [False, False, True],
+        "raw/p1/s1/scan": [False, True, True],  # its listing shows the frames' shape
+        "raw/p1/s1/scan/frames": [True, True, True],
+        "raw/p2": [False, False, False],
+    }
+    assert not log.changed_since("raw/p1/s1/scan/frames", log.tick, reach="node")
+
+
+def test_a_write_at_an_ancestor_and_of_unknown_node_changes_everything_below():
+    log = WriteLog()
+    start = log.tick
+    log.mark("raw/p1")  # its metadata or access changed
+    assert log.changed_since("raw/p1/s1/scan", start, reach="node")
+    assert not log.changed_since("raw/p2", start, reach="subtree")
+    start = log.tick
+    log.mark(None)  # /jobs, /auth, ...
+    assert log.changed_since("raw/p2", start, reach="node")
+
+
+def test_a_deleted_node_changes_its_parent_and_its_grandparents_listing():
+    log = WriteLog()
+    start = log.tick
+    log.mark("a/b/c", removed=True)
+    assert log.changed_since("a/b", start, reach="node")  # its count of children
+    assert log.changed_since("a", start, reach="children")  # b's count in a's listing
+    assert not log.changed_since("", start, reach="children")
+    kept = WriteLog()
+    kept.mark("a/b/c")
+    assert not kept.changed_since("a/b", 0, reach="node")
+
+
+def test_an_unknown_reach_is_refused():
+    with pytest.raises(ValueError, match="reach"):
+        WriteLog().changed_since("", 0, reach="below")
