@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 
+from .._wire import byte_offset_decode
 from ..errors import UnreadableFile
 from .minicbf import MAGIC, parse_header, read_header
 from .single import SingleFileAdapter
@@ -27,26 +28,33 @@ def decode(path: Path) -> np.ndarray:
     codec directly. Other CBF compressions go through ``fabio.open``.
     """
     import fabio
-    from fabio.compression import decByteOffset
 
-    with open(path, "rb") as f:  # read-only
-        raw = f.read()
-    header = parse_header(raw[:65536], len(raw), path)
+    raw, header = _read(path)
     try:
         if not header.byte_offset:
             return fabio.open(str(path)).data
         start = header.binary_offset
-        n = header.shape[0] * header.shape[1]
-        # No size hint: the whole X-Binary-Size section must decode to exactly n
-        # pixels (with a hint the codec stops at n, so random bytes would pass).
-        data = np.asarray(decByteOffset(raw[start:start + header.binary_size], dtype=header.dtype.name))
-        if data.size != n:
-            raise ValueError(
-                f"its {header.binary_size} bytes of byte-offset data decode to "
-                f"{data.size} pixels, the header says {header.shape[1]} x {header.shape[0]} = {n}")
-        return data.reshape(header.shape)
+        return byte_offset_decode(memoryview(raw)[start:start + header.binary_size], header.shape, header.dtype)
     except Exception as err:  # fabio raises many types for corrupt bytes
         raise UnreadableFile(f"{path.name}: corrupt CBF data ({err or type(err).__name__})") from None
+
+
+def stored_section(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> memoryview | None:
+    """The byte-offset section of one CBF file as stored (not decoded), after checking its
+    header, or None if the file holds another compression, shape or pixel type.
+
+    What the fast route sends to clients that decode CBF themselves (codec ``cbf``).
+    """
+    raw, header = _read(path)
+    if not header.byte_offset or tuple(header.shape) != tuple(shape) or header.dtype != dtype:
+        return None
+    return memoryview(raw)[header.binary_offset:header.binary_offset + header.binary_size]
+
+
+def _read(path: Path):
+    with open(path, "rb") as f:  # read-only
+        raw = f.read()
+    return raw, parse_header(raw[:65536], len(raw), path)
 
 
 def _sniff(path: Path) -> bool:
@@ -99,3 +107,16 @@ class CBFSequenceAdapter(HarvestingSequence):
 
     def read_frame(self, path: Path) -> np.ndarray:
         return decode(path)
+
+    def stored_frames(self, positions: range) -> list[memoryview] | None:
+        """The byte-offset sections of the frames at ``positions`` as stored in their files
+        (confined, headers checked, not decoded), or None if one of them is not stored as
+        the scan's frames are (byte-offset, the scan's frame shape and pixel type)."""
+        dtype = self._structure.data_type.to_numpy_dtype()
+        sections = []
+        for position in positions:
+            section = stored_section(self.confined_frame_path(position), self._structure.shape[1:], dtype)
+            if section is None:
+                return None
+            sections.append(section)
+        return sections

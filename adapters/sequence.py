@@ -173,10 +173,15 @@ class FrameSequenceAdapter(Adapter[ArrayStructure]):
         """Path of the frame at stacking ``position`` (0-based)."""
         return self.template.directory / self.template.name(int(self._numbers[position]))
 
-    def _frame(self, position: int) -> np.ndarray:
+    def confined_frame_path(self, position: int) -> Path:
+        """:meth:`frame_path`, checked to resolve inside the readable roots (if configured)."""
         path = self.frame_path(position)
         if self.readable_roots is not None:
             path = confine(path, self.readable_roots, what="frame")
+        return path
+
+    def _frame(self, position: int) -> np.ndarray:
+        path = self.confined_frame_path(position)
         frame = self.read_frame(path)
         expected = self._structure.shape[1:]
         dtype = self._structure.data_type.to_numpy_dtype()

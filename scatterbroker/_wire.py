@@ -15,6 +15,12 @@ of shape ``X-SB-Shape``. ``X-SB-Codec`` says how the body is packed:
     bitshuffle header each), concatenated; ``X-SB-Chunks`` lists their byte
     sizes and ``X-SB-Chunk-Frames`` how many leading-axis items each holds
     once decoded. Nothing was decompressed on the server.
+``cbf``
+    the byte-offset sections of CBF frame files exactly as stored (after
+    their headers were checked), concatenated, one per leading-axis item;
+    ``X-SB-Chunks`` lists their byte sizes (``X-SB-Chunk-Frames``: 1 each).
+    A quarter of a Pilatus frame's raw bytes, nothing decoded on the server;
+    the client decodes with fabio (:func:`byte_offset_decode_into`).
 
 Only the standard library and numpy are imported at module level: the client
 side must not need the server's dependencies.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
 import re
 from typing import Any
@@ -36,8 +43,10 @@ H_DTYPE = "x-sb-dtype"
 H_CODEC = "x-sb-codec"
 H_CHUNKS = "x-sb-chunks"
 H_CHUNK_FRAMES = "x-sb-chunk-frames"
-#: codecs every server speaks; bslz4 is offered per dataset (stored chunks)
+#: codecs every server speaks; the STORED ones are offered per node (bytes as stored)
 CODECS = ("none", "lz4", "zstd", "blosc2")
+#: codecs that send a node's bytes as its files store them, decoded by the client
+STORED = ("bslz4", "cbf")
 MAX_SLICE_TEXT = 2000
 
 _INT = r"-?\d{1,19}"
@@ -136,6 +145,13 @@ def key_shape(key: Key) -> tuple[int, ...]:
     return tuple(len(range(k.start, k.stop, k.step)) for k in key if isinstance(k, slice))
 
 
+def whole_frames(key: Key, shape: tuple[int, ...]) -> bool:
+    """Whether a normalized ``key`` selects whole items of the leading axis (every pixel of
+    each): what a node can send as its files store them (the ``STORED`` codecs)."""
+    return len(shape) > 1 and len(key) == len(shape) and all(
+        isinstance(k, slice) and k.step == 1 and k.start == 0 and k.stop == n for k, n in zip(key[1:], shape[1:]))
+
+
 def normalize(key: Any, shape: tuple[int, ...]) -> tuple[Key, tuple[Any, ...]]:
     """Numpy-style ``key`` -> (server key, local post-selection).
 
@@ -199,6 +215,8 @@ def _available() -> tuple[str, ...]:
         out.append(name)
     if bslz4_available():
         out.append("bslz4")
+    if importlib.util.find_spec("fabio") is not None:
+        out.append("cbf")
     return tuple(out)
 
 
@@ -246,6 +264,25 @@ def decode_into(codec: str, body: bytes | memoryview, out: memoryview) -> None:
     if len(raw) != n:
         raise ValueError(f"{codec}: decoded {len(raw)} bytes, expected {n}")
     out[:] = raw
+
+
+def byte_offset_decode(section: bytes | memoryview, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Decode a CBF byte-offset section to a ``shape`` (ny, nx) array of ``dtype`` (fabio's codec).
+
+    Raises ValueError unless the whole section decodes to exactly ny * nx
+    pixels: with a size hint fabio's codec stops at n pixels, so random bytes
+    would pass; without one, a section too short or too long shows.
+    """
+    from fabio.compression import decByteOffset
+
+    n = int(np.prod(shape))
+    if not isinstance(section, bytes):
+        section = bytes(section)  # fabio's codec takes bytes only
+    data = np.asarray(decByteOffset(section, dtype=np.dtype(dtype).name))
+    if data.size != n:
+        raise ValueError(f"its {len(section)} bytes of byte-offset data decode to "
+                         f"{data.size} pixels, not {' x '.join(map(str, shape[::-1]))} = {n}")
+    return data.reshape(shape)
 
 
 # ----------------------------------------------------------- Bitshuffle-LZ4

@@ -12,8 +12,9 @@ pyproject.toml). It is Tiled's ``ArrayClient`` with the read path replaced:
   every thread has work), aligned to the HDF5 chunk
   shape when the file has one, and fetched by a small thread pool over
   keep-alive connections;
-* the codec is negotiated per read: Bitshuffle-LZ4 chunks stored in HDF5 are
-  sent as stored and decoded here (when hdf5plugin is installed); otherwise
+* the codec is negotiated per read: whole frames stored as Bitshuffle-LZ4
+  chunks in HDF5 (when hdf5plugin is installed) or as byte-offset CBF files
+  (fabio) are sent as stored and decoded here, one request per frame; otherwise
   raw bytes on loopback and ``SCATTERBROKER_CODEC`` (default ``blosc2``,
   shuffle + LZ4 at level 1) to other hosts;
 * a server without the route (plain Tiled, an older scatterbroker) is detected
@@ -65,7 +66,8 @@ BLOCK_MIN = 4 << 20
 CLIENT_THREADS = int(os.environ.get("SCATTERBROKER_CLIENT_THREADS") or 4)
 #: codec for non-loopback servers: none, lz4, zstd or blosc2 ("auto": blosc2)
 CODEC = os.environ.get("SCATTERBROKER_CODEC", "auto")
-#: accept Bitshuffle-LZ4 chunks as stored and decode them here (0: let the server decode)
+#: accept frames as stored (Bitshuffle-LZ4 chunks, CBF byte-offset) and decode them here
+#: (0: let the server decode)
 DIRECT_CHUNKS = env_flag("SCATTERBROKER_DIRECT_CHUNKS", True)
 #: seconds to wait on the server for one block
 TIMEOUT = float(os.environ.get("SCATTERBROKER_TIMEOUT") or 60)
@@ -259,8 +261,8 @@ class FastArrayClient(ArrayClient):
         self._transport = _Transport(self.context, url)
         return self._transport
 
-    def _storage_chunk0(self) -> int:
-        """Items per HDF5 chunk along axis 0 (1 when unknown or unchunked)."""
+    def _facts(self) -> dict:
+        """The server's ``/sb/info`` for this node, asked once ({} if it cannot tell)."""
         if self._info is None:
             try:
                 from tiled.client.utils import handle_error
@@ -269,8 +271,19 @@ class FastArrayClient(ArrayClient):
                 self._info = handle_error(self.context.http_client.get(url)).json()
             except Exception:
                 self._info = {}
-        chunks = ((self._info.get("storage") or {}).get("chunk_shape")) or [1]
+        return self._info
+
+    def _storage_chunk0(self) -> int:
+        """Items per HDF5 chunk along axis 0 (1 when unknown or unchunked)."""
+        chunks = ((self._facts().get("storage") or {}).get("chunk_shape")) or [1]
         return max(1, int(chunks[0]))
+
+    def _stored_codecs(self) -> list[str]:
+        """Codecs in which the server can send this node's frames as stored, that this process decodes."""
+        if not self.direct_chunks:
+            return []
+        offered = self._facts().get("codecs") or []
+        return [c for c in _wire.STORED if c in offered and c in _wire.available_codecs()]
 
     def _codec(self, transport: _Transport) -> str:
         codec = self.codec
@@ -292,13 +305,15 @@ class FastArrayClient(ArrayClient):
         out_shape = _wire.key_shape(key)
         out = np.empty(out_shape, dtype=dtype)
         if out.size:
-            blocks = self._split(key, out_shape, dtype.itemsize)
-            codec = self._codec(transport)
-            direct = self.direct_chunks and _wire.bslz4_available()
+            # Whole frames the server can send as stored (a quarter of their bytes
+            # or less) are not cut into rows, which it would decode and send raw.
+            stored = self._stored_codecs() if _wire.whole_frames(key, shape) else []
+            blocks = self._split(key, out_shape, dtype.itemsize, whole=bool(stored))
+            codec = ",".join([*stored, self._codec(transport)])
             if len(blocks) == 1:
-                self._fetch(transport, key, out, codec, direct)
+                self._fetch(transport, key, out, codec)
             else:
-                jobs = [_executor().submit(self._fetch, transport, sub, out[region], codec, direct)
+                jobs = [_executor().submit(self._fetch, transport, sub, out[region], codec)
                         for sub, region in blocks]
                 for job in jobs:
                     job.result()
@@ -329,22 +344,23 @@ class FastArrayClient(ArrayClient):
         return data[slice] if slice is not None else data
 
     def _split(self, key: _wire.Key, out_shape: tuple[int, ...], itemsize: int,
-               limit: int | None = None) -> list:
+               limit: int | None = None, *, whole: bool = False) -> list:
         """Block requests of at most ``limit`` bytes, each filling a contiguous region of the result.
 
         ``limit`` is BLOCK_BYTES for large reads and smaller (down to BLOCK_MIN)
-        for medium ones, so that 2 blocks per thread exist.
+        for medium ones, so that 2 blocks per thread exist. ``whole``: never
+        split one item of the leading axis (a frame sent as stored).
         """
         total = math.prod(out_shape) * itemsize
         if limit is None:
             limit = max(min(BLOCK_MIN, BLOCK_BYTES), min(BLOCK_BYTES, -(-total // (2 * CLIENT_THREADS))))
-        if total <= limit or not out_shape:
+        if total <= limit or not out_shape or (whole and isinstance(key[0], int)):
             return [(key, ())]
         axis = next(i for i, k in enumerate(key) if isinstance(k, slice))
         k = key[axis]
         n = out_shape[0]
         per_item = total // n
-        if per_item > limit and len(out_shape) > 1:
+        if per_item > limit and len(out_shape) > 1 and not whole:
             # one item of the leading axis is itself large: split each further
             blocks = []
             for j, i in enumerate(range(k.start, k.stop, k.step)):
@@ -371,12 +387,12 @@ class FastArrayClient(ArrayClient):
             j = stop
         return blocks
 
-    def _fetch(self, transport: _Transport, key: _wire.Key, out: np.ndarray,
-               codec: str, direct: bool) -> None:
-        """One request for ``key``, landing in ``out`` (C-contiguous, the key's shape)."""
+    def _fetch(self, transport: _Transport, key: _wire.Key, out: np.ndarray, codec: str) -> None:
+        """One request for ``key``, landing in ``out`` (C-contiguous, the key's shape);
+        ``codec`` is the preference list sent."""
         query = {
             "slice": _wire.format_slice(key),
-            "codec": f"bslz4,{codec}" if direct else codec,
+            "codec": codec,
             "shape": ",".join(map(str, self.shape)),  # the server re-reads a node that changed shape
         }
         got, headers, body = transport.get(query, out)
@@ -385,16 +401,25 @@ class FastArrayClient(ArrayClient):
             raise ValueError(f"server sent shape {shape}, expected {out.shape}")
         if np.dtype(headers.get(_wire.H_DTYPE, out.dtype.str)).itemsize != out.dtype.itemsize:
             raise ValueError(f"server sent dtype {headers.get(_wire.H_DTYPE)}, expected {out.dtype.str}")
-        if body is None:
-            return
-        if got == "bslz4":
-            _decode_chunks(body, headers, out)
-        else:
-            _wire.decode_into(got, body, memoryview(out.reshape(-1).view(np.uint8)))
+        if body is not None:
+            decode_body(got, body, headers, out, one_item=isinstance(key[0], int))
 
 
 slice_ = slice
 slice_all = slice(None)
+
+
+def decode_body(codec: str, body: bytes, headers: dict[str, str], out: np.ndarray, *, one_item: bool) -> None:
+    """Decode a fast-route answer packed with ``codec`` into ``out`` (C-contiguous, the
+    selection's shape; ``one_item``: the selection took one item of the leading axis by index)."""
+    if codec in _wire.STORED and one_item:
+        out = out[np.newaxis]  # one stored frame
+    if codec == "bslz4":
+        _decode_chunks(body, headers, out)
+    elif codec == "cbf":
+        _decode_cbf(body, headers, out)
+    else:
+        _wire.decode_into(codec, body, memoryview(out.reshape(-1).view(np.uint8)))
 
 
 def _decode_chunks(body: bytes, headers: dict[str, str], out: np.ndarray) -> None:
@@ -417,6 +442,22 @@ def _decode_chunks(body: bytes, headers: dict[str, str], out: np.ndarray) -> Non
             out[k:k + count] = tmp[: count * (frame // out.dtype.itemsize)].reshape(out[k:k + count].shape)
         pos += size
         k += count
+
+
+def _decode_cbf(body: bytes, headers: dict[str, str], out: np.ndarray) -> None:
+    """Decode the CBF byte-offset sections of whole frames (codec ``cbf``) into ``out``."""
+    sizes = [int(s) for s in headers[_wire.H_CHUNKS].split(",") if s]
+    frames = out.reshape((-1, *out.shape[-2:]))
+    if len(sizes) != len(frames) or sum(sizes) != len(body):
+        raise ValueError("server sent CBF frames that do not add up to the request")
+    view = memoryview(body)
+    pos = 0
+    for i, size in enumerate(sizes):
+        try:
+            frames[i] = _wire.byte_offset_decode(view[pos:pos + size], frames.shape[1:], out.dtype)
+        except Exception as err:  # fabio raises many types for corrupt bytes
+            raise ValueError(f"frame {i} of the answer: corrupt CBF data ({err or type(err).__name__})") from None
+        pos += size
 
 
 # ------------------------------------------------------------------ benchmark

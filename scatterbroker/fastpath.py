@@ -135,7 +135,7 @@ def read_payload(entry: Any, key: _wire.Key, codecs: list[str] | str = "none") -
     """
     codecs = [codecs] if isinstance(codecs, str) else list(codecs)
     direct = "bslz4" in codecs
-    codec = next((c for c in codecs if c != "bslz4"), "none")
+    codec = next((c for c in codecs if c not in _wire.STORED), "none")
     structure = entry.structure()
     dtype = structure.data_type.to_numpy_dtype()
     shape = _wire.key_shape(key)
@@ -145,6 +145,10 @@ def read_payload(entry: Any, key: _wire.Key, codecs: list[str] | str = "none") -
         payload = _h5_payload(entry, key, dtype, shape, direct=direct)
         if payload is not None:
             return _encode(payload, codec)
+    if "cbf" in codecs and hasattr(entry, "stored_frames") and _wire.whole_frames(key, tuple(structure.shape)):
+        payload = _cbf_payload(entry, key, dtype, shape)
+        if payload is not None:
+            return payload
     array = entry.read(NDSlice(key)) if key else entry.read()
     if inspect.isawaitable(array):
         array = anyio.from_thread.run(_wait, array)
@@ -152,6 +156,18 @@ def read_payload(entry: Any, key: _wire.Key, codecs: list[str] | str = "none") -
     if array.shape != shape:
         raise UnreadableFile(f"the adapter returned shape {array.shape} for a {shape} selection")
     return _encode(Payload(_bytes_view(array) if array.size else b"", shape, dtype), codec)
+
+
+def _cbf_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, ...]) -> Payload | None:
+    """Whole CBF frames as their files store them (codec ``cbf``), or None to decode them here."""
+    first = key[0]
+    positions = range(first, first + 1) if isinstance(first, int) else range(first.start, first.stop, first.step)
+    sections = entry.stored_frames(positions)
+    if sections is None:
+        return None
+    body = sections[0] if len(sections) == 1 else b"".join(sections)
+    return Payload(body, shape, dtype, codec="cbf", chunk_sizes=[len(s) for s in sections],
+                   chunk_frames=[1] * len(sections))
 
 
 async def _wait(awaitable: Any) -> Any:
@@ -320,7 +336,7 @@ def _h5_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, .
     trailing = key[1:]
     full = all(isinstance(k, slice) and k.step == 1 and k.start == 0 and k.stop == n
                for k, n in zip(trailing, layout.shape[1:]))
-    if direct and layout.codec == "bslz4" and full and isinstance(first, slice) and first.step == 1:
+    if direct and layout.codec == "bslz4" and full and (isinstance(first, int) or first.step == 1):
         if frames.start % c0 == 0 and (frames.stop % c0 == 0 or frames.stop == layout.shape[0]) \
                 and not any(layout.masks[j] for j in touched):
             return _direct(layout, fd, frames, dtype, shape)
@@ -705,19 +721,21 @@ async def info(request: Request, path: str) -> JSONResponse:
     entry = await _entry(request, path, auth, ["read:metadata"])
     structure = entry.structure()
 
-    def facts() -> tuple[dict | None, bool]:
+    def facts() -> tuple[dict | None, str | None]:
         if not hasattr(entry, "open_dataset"):
-            return None, False
+            return None, None
         try:
             dset, _handle, _key = entry.open_dataset()
             storage = storage_info(dset)
             layout = _layout_for(entry)[0] if len(structure.shape) >= 2 else None
         except Exception:
-            return None, False
-        return storage, bool(layout is not None and layout.codec == "bslz4")
+            return None, None
+        return storage, "bslz4" if layout is not None and layout.codec == "bslz4" else None
 
-    storage, direct = await anyio.to_thread.run_sync(facts)
-    codecs = [c for c in _wire.available_codecs() if c != "bslz4" or direct]
+    storage, stored = await anyio.to_thread.run_sync(facts)
+    if hasattr(entry, "stored_frames"):
+        stored = "cbf"
+    codecs = [c for c in _wire.available_codecs() if c not in _wire.STORED or c == stored]
     return JSONResponse({
         "version": 1,
         "shape": list(structure.shape),
