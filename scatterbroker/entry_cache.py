@@ -120,7 +120,7 @@ class EntryCache:
 
     def _fresh(self, node: str, kept: _Kept) -> bool:
         return (time.monotonic() - kept.born <= self.ttl
-                and not self.log.changed_since(node, kept.start, reach="node")
+                and not self.log.changed_since(node, kept.start, reach="entry")
                 and unchanged(kept.files))
 
     def _forget(self, key: tuple) -> None:

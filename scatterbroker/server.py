@@ -239,12 +239,26 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     if entry_cache:
         entries.install(app, log)
     if response_cache or entry_cache:
-        app.add_middleware(WriteMarks, log=log)
+        app.add_middleware(WriteMarks, log=log, cascading_metadata=cascading_metadata(app))
     app.add_middleware(FastLane)  # added last: outermost
     if freeze_gc and env_flag("SCATTERBROKER_GC_FREEZE", True):
         freeze_after_startup(app)
     app.add_exception_handler(OSError, _storage_full)
     return app
+
+
+def cascading_metadata(app: Any) -> tuple[str, ...]:
+    """Where a metadata write may change access below its node, for the read caches
+    (:func:`scatterbroker.write_log.write_kind`): nowhere without an access policy,
+    the job records with :class:`~scatterbroker.access.ProposalAccessPolicy` (it
+    decides by path, and by ``job.proposal`` under ``/jobs``), everywhere with
+    any other policy."""
+    from .access import JOBS_TREE, ProposalAccessPolicy
+
+    policy = getattr(app.state, "access_policy", None)
+    if policy is None:
+        return ()
+    return (JOBS_TREE,) if type(policy) is ProposalAccessPolicy else ("*",)
 
 
 def freeze_after_startup(app: Any) -> None:

@@ -24,8 +24,8 @@ from typing import Any
 
 from .environment import env_flag
 
-__all__ = ["API", "NODE_ROUTES", "REACHES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl",
-           "enabled_by_default", "env_number", "node_path", "split_node_route"]
+__all__ = ["API", "KINDS", "NODE_ROUTES", "REACHES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl",
+           "enabled_by_default", "env_number", "node_path", "split_node_route", "write_kind"]
 
 API = "/api/v1/"
 #: every Tiled route (any method) whose URL is ``{API}{route}/{node path}``, and ours
@@ -80,45 +80,68 @@ def ancestors(node: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(len(parts))]
 
 
-#: how far below a node a write may change what was read of it (:meth:`WriteLog.changed_since`)
-REACHES = ("node", "children", "subtree")
+#: what a read depends on, for :meth:`WriteLog.changed_since`: the node's catalog row
+#: only ("entry"), its answers ("node"), a listing of its children, everything below it
+REACHES = ("entry", "node", "children", "subtree")
+#: what a write changes, for :meth:`WriteLog.mark`, from least to most
+KINDS = ("data", "node", "tree")
+#: (method, route) of writes that change a node's data only, not its catalog row
+DATA_WRITES = {("PUT", "array/full"), ("PUT", "array/block"), ("PUT", "table/full"), ("PUT", "node/full"),
+               ("PUT", "table/partition"), ("PATCH", "table/partition"), ("PUT", "awkward/full"),
+               ("PUT", "ragged/full"), ("PUT", "ragged/block")}
+#: (method, route) of writes that change a node's own row (metadata, shape, children) and
+#: nothing below it; PATCH/PUT /metadata only when access does not follow metadata
+NODE_WRITES = {("PATCH", "array/full"), ("PATCH", "ragged/full"), ("POST", "metadata"), ("POST", "register")}
+METADATA_WRITES = {("PATCH", "metadata"), ("PUT", "metadata")}
 
 
 class WriteLog:
-    """Ticks of the writes seen, by node path.
+    """Ticks of the writes seen, by node path and kind.
 
     ``tick`` counts marks. For a node path, the log keeps the last tick of a
-    write exactly at it, of one exactly at one of its children, and of one at
-    it or anywhere below it.
+    write exactly at it (any kind), of one that changed its catalog row, of
+    one that may have changed what lies below it, of one exactly at one of its
+    children, and of one at it or anywhere below it.
     """
 
     def __init__(self) -> None:
         self.tick = 0
         self._all = 0  # the last tick of a write of unknown node (or of forgetting)
         self._at: dict[str, int] = {}
+        self._row: dict[str, int] = {}
+        self._tree: dict[str, int] = {}
         self._kids: dict[str, int] = {}
         self._under: dict[str, int] = {}
 
-    def mark(self, node: str | None, *, removed: bool = False) -> None:
+    def mark(self, node: str | None, *, kind: str = "tree", removed: bool = False) -> None:
         """Record a write at ``node`` (``None``: a write that may have changed anything).
 
-        ``removed``: the write deletes ``node``, so its parent's contents (the
-        count of children its metadata and its parent's listing show) changed
-        too; the parent is marked as written as well.
+        ``kind`` (one of :data:`KINDS`) is what it may have changed: ``"data"``
+        the node's data only (array elements, table rows), ``"node"`` also its
+        catalog row (metadata, structure, data sources, children created under
+        it), ``"tree"`` also anything below it (its access, its data sources
+        that in-file children come from). ``removed``: the write deletes
+        ``node`` (a ``"tree"`` write), so its parent's count of children
+        changed too: the parent is marked with a ``"node"`` write.
         """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         self.tick += 1
         if node is None or len(self._under) > MAX_MARKS:
             self._all = self.tick
-            self._at.clear()
-            self._kids.clear()
-            self._under.clear()
+            for marks in (self._at, self._row, self._tree, self._kids, self._under):
+                marks.clear()
             return
         lineage = ancestors(node)
         self._at[node] = self.tick
+        if kind != "data" or removed:
+            self._row[node] = self.tick
+        if kind == "tree" or removed:
+            self._tree[node] = self.tick
         if lineage:
             self._kids[lineage[-1]] = self.tick
             if removed:
-                self._at[lineage[-1]] = self.tick
+                self._at[lineage[-1]] = self._row[lineage[-1]] = self.tick
                 if len(lineage) > 1:
                     self._kids[lineage[-2]] = self.tick
         for path in (*lineage, node):
@@ -127,35 +150,60 @@ class WriteLog:
     def changed_since(self, node: str, start: int, *, reach: str) -> bool:
         """Whether a write since tick ``start`` may have changed what was read of ``node``.
 
-        Always: a write exactly at ``node`` or at one of its ancestors (their
-        metadata and access; a deleted subtree), or of unknown node. Then, by
-        ``reach`` (one of :data:`REACHES`), writes below ``node`` that what was
-        read shows:
+        Always: a ``"tree"`` write at one of its ancestors (their access, a
+        deleted subtree, the file in-file nodes come from), or a write of
+        unknown node. Then, by ``reach`` (one of :data:`REACHES`):
 
-        * ``"node"``: none (its metadata and structure, a child's creation
-          marked at ``node`` and a child's deletion at its parent included);
-        * ``"children"``: a write exactly at one of its children (a listing
-          shows each child's metadata, structure and count of children);
-        * ``"subtree"``: a write anywhere under it (what reads the data of
+        * ``"entry"``: a write that changed its catalog row (metadata,
+          structure, data sources; not its data: an appended table row);
+        * ``"node"``: any write at it (its answers: metadata, structure, data;
+          a child's creation is marked at ``node``, a child's deletion at its
+          parent too);
+        * ``"children"``: also a write exactly at one of its children (a
+          listing shows each child's metadata, structure and count of children);
+        * ``"subtree"``: also a write anywhere under it (what reads the data of
           every descendant).
         """
         if reach not in REACHES:
             raise ValueError(f"reach must be one of {REACHES}, not {reach!r}")
-        if self._all > start or self._at.get(node, 0) > start:
+        if self._all > start or (self._row if reach == "entry" else self._at).get(node, 0) > start:
             return True
         if reach == "children" and self._kids.get(node, 0) > start:
             return True
         if reach == "subtree" and self._under.get(node, 0) > start:
             return True
-        return any(self._at.get(path, 0) > start for path in ancestors(node))
+        return any(self._tree.get(path, 0) > start for path in ancestors(node))
+
+
+def write_kind(method: str, route: str, node: str, cascading_metadata: Any = ()) -> str:
+    """What a write request may change (:data:`KINDS`), from its method and route.
+
+    Metadata writes are ``"node"`` writes unless ``node`` lies in one of the
+    top-level trees ``cascading_metadata`` names, or it is ``"*"`` (an access
+    policy that may decide by metadata: the key's access below the node may
+    change with it).
+    """
+    if (method, route) in DATA_WRITES:
+        return "data"
+    if (method, route) in NODE_WRITES:
+        return "node"
+    if (method, route) in METADATA_WRITES:
+        top = node.split("/", 1)[0]
+        return "tree" if "*" in cascading_metadata or top in cascading_metadata else "node"
+    return "tree"
 
 
 class WriteMarks:
-    """ASGI middleware marking every write request's node in ``log`` (see the module docstring)."""
+    """ASGI middleware marking every write request's node in ``log`` (see the module docstring).
 
-    def __init__(self, app: Any, log: WriteLog) -> None:
+    ``cascading_metadata``: the top-level trees where a metadata write may
+    change access below its node (``"*"``: everywhere), see :func:`write_kind`.
+    """
+
+    def __init__(self, app: Any, log: WriteLog, cascading_metadata: Any = ("*",)) -> None:
         self.app = app
         self.log = log
+        self.cascading_metadata = tuple(cascading_metadata)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -164,18 +212,23 @@ class WriteMarks:
         split = split_node_route(scope["path"])
         node = None if split is None else split[1]
         removed = scope["method"] == "DELETE" and split is not None and split[0] == "metadata"
+        kind = "tree" if split is None else write_kind(scope["method"], split[0], split[1],
+                                                       self.cascading_metadata)
         answered = False
+
+        def mark() -> None:
+            self.log.mark(node, kind=kind, removed=removed)
 
         async def mark_on_answer(message: dict) -> None:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                self.log.mark(node, removed=removed)
+                mark()
             await send(message)
 
-        self.log.mark(node, removed=removed)
+        mark()
         try:
             await self.app(scope, receive, mark_on_answer)
         finally:
             if not answered:
-                self.log.mark(node, removed=removed)
+                mark()

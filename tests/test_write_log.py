@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scatterbroker.write_log import WriteLog
+from scatterbroker.write_log import WriteLog, write_kind
 
 
 def test_each_reach_sees_the_writes_its_reads_show():
@@ -49,3 +49,45 @@ def test_a_deleted_node_changes_its_parent_and_its_grandparents_listing():
 def test_an_unknown_reach_is_refused():
     with pytest.raises(ValueError, match="reach"):
         WriteLog().changed_since("", 0, reach="below")
+
+
+def test_a_write_changes_what_its_kind_says():
+    log = WriteLog()
+    start = log.tick
+    log.mark("live/scan/headers", kind="data")  # a table row appended
+    assert not log.changed_since("live/scan/headers", start, reach="entry")  # same catalog row
+    assert log.changed_since("live/scan/headers", start, reach="node")  # new answers
+    log.mark("live/scan", kind="node")  # its metadata
+    assert log.changed_since("live/scan", start, reach="entry")
+    assert not log.changed_since("live/scan/frames", start, reach="node")  # nothing below it
+    log.mark("scans/p1/s1/scan", kind="tree")  # another file behind a registered NeXus node
+    assert log.changed_since("scans/p1/s1/scan/entry/data", start, reach="entry")
+    with pytest.raises(ValueError, match="kind"):
+        log.mark("x", kind="everything")
+
+
+@pytest.mark.parametrize("method, route, node, cascading, kind", [
+    ("PATCH", "table/partition", "live/scan/headers", (), "data"),
+    ("PUT", "array/full", "a/frames", ("*",), "data"),
+    ("PATCH", "array/full", "a/frames", (), "node"),  # extended: a new shape
+    ("POST", "register", "raw/p1", (), "node"),  # a child created
+    ("PATCH", "metadata", "raw/p1/s1", (), "node"),
+    ("PATCH", "metadata", "raw/p1/s1", ("jobs",), "node"),
+    ("PATCH", "metadata", "jobs/42", ("jobs",), "tree"),  # access by job.proposal
+    ("PUT", "metadata", "raw/p1/s1", ("*",), "tree"),  # another access policy
+    ("PUT", "data_source", "scans/p1/s1/scan", (), "tree"),
+    ("DELETE", "metadata", "raw/p1/s1", (), "tree"),
+])
+def test_write_kinds_by_route(method, route, node, cascading, kind):
+    assert write_kind(method, route, node, cascading) == kind
+
+
+def test_the_proposal_policy_cascades_metadata_writes_only_under_jobs(tmp_path):
+    from conftest import API_KEY
+
+    from scatterbroker.server import build_app, cascading_metadata, local_config
+
+    assert cascading_metadata(build_app(local_config(tmp_path / "a", [], api_key=API_KEY))) == ()
+    facility = local_config(tmp_path / "b", [], api_key=API_KEY)
+    facility["access_control"] = {"access_policy": "scatterbroker.access:ProposalAccessPolicy", "args": {}}
+    assert cascading_metadata(build_app(facility)) == ("jobs",)
