@@ -1,7 +1,8 @@
-"""CBF frames (Pilatus/Eiger miniCBF) via fabio: single files and numbered sequences.
+"""CBF frames (Pilatus/Eiger miniCBF): single files and numbered sequences.
 
-Pixels are decoded by fabio; headers are parsed by :mod:`.minicbf` without
-decoding, which is what makes registration fast and lets a truncated or
+Byte-offset pixels are decoded by :mod:`scatterbroker.byte_offset` (the GIL
+released), other compressions by fabio; headers are parsed by :mod:`.minicbf`
+without decoding, which is what makes registration fast and lets a truncated or
 still-being-written frame be refused before it is read.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 
-from .._wire import byte_offset_decode
+from .. import byte_offset
 from ..errors import UnreadableFile
 from .minicbf import MAGIC, parse_header, read_header
 from .single import SingleFileAdapter
@@ -24,8 +25,9 @@ def decode(path: Path) -> np.ndarray:
     """Decode one CBF frame to a (ny, nx) array of the stored integer type.
 
     The file is read once; the header is checked (so a truncated frame is
-    refused before decoding) and byte-offset data is decompressed with fabio's
-    codec directly. Other CBF compressions go through ``fabio.open``.
+    refused before decoding) and byte-offset data is decompressed by
+    :func:`scatterbroker.byte_offset.decode`. Other CBF compressions go
+    through ``fabio.open``.
     """
     import fabio
 
@@ -34,8 +36,8 @@ def decode(path: Path) -> np.ndarray:
         if not header.byte_offset:
             return fabio.open(str(path)).data
         start = header.binary_offset
-        return byte_offset_decode(memoryview(raw)[start:start + header.binary_size], header.shape, header.dtype)
-    except Exception as err:  # fabio raises many types for corrupt bytes
+        return byte_offset.decode(memoryview(raw)[start:start + header.binary_size], header.shape, header.dtype)
+    except Exception as err:  # fabio (other compressions) raises many types for corrupt bytes
         raise UnreadableFile(f"{path.name}: corrupt CBF data ({err or type(err).__name__})") from None
 
 

@@ -20,7 +20,7 @@ of shape ``X-SB-Shape``. ``X-SB-Codec`` says how the body is packed:
     their headers were checked), concatenated, one per leading-axis item;
     ``X-SB-Chunks`` lists their byte sizes (``X-SB-Chunk-Frames``: 1 each).
     A quarter of a Pilatus frame's raw bytes, nothing decoded on the server;
-    the client decodes with fabio (:func:`byte_offset_decode_into`).
+    the client decodes them (:mod:`scatterbroker.byte_offset`).
 
 Only the standard library and numpy are imported at module level: the client
 side must not need the server's dependencies.
@@ -215,7 +215,7 @@ def _available() -> tuple[str, ...]:
         out.append(name)
     if bslz4_available():
         out.append("bslz4")
-    if importlib.util.find_spec("fabio") is not None:
+    if importlib.util.find_spec("numba") is not None:  # scatterbroker.byte_offset decodes it
         out.append("cbf")
     return tuple(out)
 
@@ -264,25 +264,6 @@ def decode_into(codec: str, body: bytes | memoryview, out: memoryview) -> None:
     if len(raw) != n:
         raise ValueError(f"{codec}: decoded {len(raw)} bytes, expected {n}")
     out[:] = raw
-
-
-def byte_offset_decode(section: bytes | memoryview, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Decode a CBF byte-offset section to a ``shape`` (ny, nx) array of ``dtype`` (fabio's codec).
-
-    Raises ValueError unless the whole section decodes to exactly ny * nx
-    pixels: with a size hint fabio's codec stops at n pixels, so random bytes
-    would pass; without one, a section too short or too long shows.
-    """
-    from fabio.compression import decByteOffset
-
-    n = int(np.prod(shape))
-    if not isinstance(section, bytes):
-        section = bytes(section)  # fabio's codec takes bytes only
-    data = np.asarray(decByteOffset(section, dtype=np.dtype(dtype).name))
-    if data.size != n:
-        raise ValueError(f"its {len(section)} bytes of byte-offset data decode to "
-                         f"{data.size} pixels, not {' x '.join(map(str, shape[::-1]))} = {n}")
-    return data.reshape(shape)
 
 
 # ----------------------------------------------------------- Bitshuffle-LZ4

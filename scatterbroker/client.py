@@ -50,7 +50,7 @@ import numpy as np
 from tiled.client.array import ArrayClient
 from tiled.structures.core import Spec
 
-from . import _wire
+from . import _wire, byte_offset
 from .environment import env_flag
 
 __all__ = ["FastArrayClient", "SPEC", "CLIENT_THREADS", "BLOCK_BYTES"]
@@ -454,9 +454,9 @@ def _decode_cbf(body: bytes, headers: dict[str, str], out: np.ndarray) -> None:
     pos = 0
     for i, size in enumerate(sizes):
         try:
-            frames[i] = _wire.byte_offset_decode(view[pos:pos + size], frames.shape[1:], out.dtype)
-        except Exception as err:  # fabio raises many types for corrupt bytes
-            raise ValueError(f"frame {i} of the answer: corrupt CBF data ({err or type(err).__name__})") from None
+            frames[i] = byte_offset.decode(view[pos:pos + size], frames.shape[1:], out.dtype)
+        except ValueError as err:
+            raise ValueError(f"frame {i} of the answer: corrupt CBF data ({err})") from None
         pos += size
 
 
