@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import request_overhead
+from . import compression, request_overhead
 from .adapters import registry
 from .adapters.roots import normalize_roots
 from .catalog.guard import guard
@@ -199,7 +199,8 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     Also sets the process's allocator to give frame-sized buffers back
     (:func:`release_large_buffers`), and has FastAPI build each route's
     dependencies and response models once instead of on every request
-    (:mod:`scatterbroker.request_overhead`).
+    (:mod:`scatterbroker.request_overhead`), and Blosc2-compress array answers
+    shuffled by their item size (:mod:`scatterbroker.compression`).
 
     ``response_cache`` keeps answers of Tiled's read routes until a write
     touches their node (:mod:`scatterbroker.response_cache`): right only when
@@ -214,6 +215,7 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     """
     release_large_buffers()
     request_overhead.install()
+    compression.install()
     from tiled.config import Config, parse_configs
     from tiled.server.app import build_app_from_config
 
