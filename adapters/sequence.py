@@ -25,8 +25,9 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import Asset, DataSource, Management
 from tiled.utils import ensure_uri, path_from_uri
 
+from .. import frame_cache
 from ..errors import FrameMismatch, RequestTooLarge, UnreadableFile
-from .roots import confine
+from .roots import confine, file_stamp
 
 #: Threads decoding frames concurrently (codecs release the GIL for most of a frame).
 IO_WORKERS = int(os.environ.get("SCATTERBROKER_IO_WORKERS") or min(8, (os.cpu_count() or 2) + 2))
@@ -181,7 +182,13 @@ class FrameSequenceAdapter(Adapter[ArrayStructure]):
         return path
 
     def _frame(self, position: int) -> np.ndarray:
+        """The frame at ``position``, decoded (read-only: it may be kept in
+        :data:`scatterbroker.frame_cache.frames` and given to the next reader)."""
         path = self.confined_frame_path(position)
+        key = (os.fspath(path), file_stamp(os.stat(path)))
+        kept = frame_cache.frames.get(key)
+        if kept is not None:
+            return kept
         frame = self.read_frame(path)
         expected = self._structure.shape[1:]
         dtype = self._structure.data_type.to_numpy_dtype()
@@ -195,7 +202,7 @@ class FrameSequenceAdapter(Adapter[ArrayStructure]):
                     f"{path.name}: frame dtype {frame.dtype} differs from the scan's {dtype}"
                 )
             frame = frame.astype(dtype)
-        return frame
+        return frame_cache.frames.put(key, frame)
 
     def read(self, slice: Any = ...) -> np.ndarray:
         shape = self._structure.shape

@@ -71,7 +71,7 @@ from tiled.server.settings import Settings, get_settings
 from tiled.server.utils import record_timing
 from tiled.structures.core import StructureFamily
 
-from . import _wire, entry_cache
+from . import _wire, entry_cache, frame_cache
 from .adapters.roots import file_stamp
 from .entry_cache import who
 from .errors import UnreadableFile
@@ -291,9 +291,15 @@ def _build_layout(dset: Any, handle: Any) -> _Layout | None:
 
 
 def _layout_for(entry: Any) -> tuple[_Layout | None, Any, Any]:
+    layout, dset, handle, _key = _keyed_layout_for(entry)
+    return layout, dset, handle
+
+
+def _keyed_layout_for(entry: Any) -> tuple[_Layout | None, Any, Any, tuple | None]:
+    """(layout, dataset, handle, key): the key names the dataset in the file as it is open."""
     dset, handle, key = entry.open_dataset()
     if handle.driver != "sec2":
-        return None, dset, handle
+        return None, dset, handle, None
     # Key the layout by the file the handle has open (fstat of its descriptor),
     # not by the path: if the file is replaced meanwhile, offsets learnt from
     # this handle must never be applied to the new file.
@@ -308,7 +314,7 @@ def _layout_for(entry: Any) -> tuple[_Layout | None, Any, Any]:
             _layouts[key] = hit
             while len(_layouts) > LAYOUT_CACHE:
                 _layouts.popitem(last=False)
-    return hit, dset, handle
+    return hit, dset, handle, key
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
@@ -323,7 +329,7 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
 def _h5_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, ...],
                 *, direct: bool) -> Payload | None:
     """Read an HDF5 selection below h5py, or None to let h5py do it."""
-    layout, dset, handle = _layout_for(entry)
+    layout, dset, handle, layout_key = _keyed_layout_for(entry)
     if layout is None or layout.dtype != dtype or layout.shape != tuple(entry.structure().shape):
         return None
     first = key[0]
@@ -372,6 +378,11 @@ def _h5_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, .
 
     def bslz4_unit(unit: tuple[int, list[tuple[int, int]]]) -> None:
         j, members = unit
+        chunk = None if full else frame_cache.frames.get((layout_key, j))  # parts of frames read before
+        if chunk is not None:
+            for k, i in members:
+                flat[k] = chunk[i - j * c0][tuple(trailing)]
+            return
         stored = np.empty(int(layout.sizes[j]), dtype=np.uint8)
         _pread_into(fd, memoryview(stored), int(layout.offsets[j]))
         if layout.masks[j]:  # the filter was skipped for this chunk: stored raw
@@ -382,6 +393,7 @@ def _h5_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, .
         else:
             chunk = np.empty((c0, *layout.shape[1:]), dtype=dtype)
             _wire.bslz4_decode_into(stored, chunk, dtype.itemsize)
+            frame_cache.frames.put((layout_key, j), chunk)
         for k, i in members:
             flat[k] = chunk[i - j * c0][tuple(trailing)]
 
