@@ -32,33 +32,19 @@ def _kernel() -> Any:
         i = k = 0
         value = 0
         while i < n:
-            delta = src[i]
+            delta = np.int64(src[i])
             i += 1
-            if delta != -128:
-                value += delta
-            else:  # escape: a 16-bit difference follows
-                if i + 2 > n:
+            width = 1
+            # escape (the smallest value of its width): a difference twice as wide follows
+            while width < 8 and delta == -(1 << (8 * width - 1)):
+                width *= 2
+                if i + width > n:
                     return -1
-                delta16 = (src[i] & 0xFF) | (np.int32(src[i + 1]) << 8)  # the high byte signed
-                i += 2
-                if delta16 != -32768:
-                    value += delta16
-                else:  # escape: a 32-bit difference follows
-                    if i + 4 > n:
-                        return -1
-                    delta32 = ((np.int64(src[i]) & 0xFF) | ((np.int64(src[i + 1]) & 0xFF) << 8)
-                               | ((np.int64(src[i + 2]) & 0xFF) << 16) | (np.int64(src[i + 3]) << 24))
-                    i += 4
-                    if delta32 != -2147483648:
-                        value += delta32
-                    else:  # escape: a 64-bit difference follows
-                        if i + 8 > n:
-                            return -1
-                        delta64 = np.int64(0)
-                        for j in range(8):
-                            delta64 |= (np.int64(src[i + j]) & 0xFF) << (8 * j)
-                        i += 8
-                        value += delta64
+                delta = np.int64(src[i + width - 1])  # the top byte signed, then the lower ones
+                for j in range(width - 2, -1, -1):
+                    delta = (delta << 8) | (np.int64(src[i + j]) & 0xFF)
+                i += width
+            value += delta
             if k >= m:
                 return -2
             out[k] = value
