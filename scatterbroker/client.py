@@ -14,7 +14,8 @@ pyproject.toml). It is Tiled's ``ArrayClient`` with the read path replaced:
   keep-alive connections;
 * the codec is negotiated per read: whole frames stored as Bitshuffle-LZ4
   chunks in HDF5 (when hdf5plugin is installed) or as byte-offset CBF files
-  (fabio) are sent as stored and decoded here, one request per frame; otherwise
+  (:mod:`scatterbroker.byte_offset`) are sent as stored and decoded here, one
+  request per frame; otherwise
   raw bytes on loopback and ``SCATTERBROKER_CODEC`` (default ``blosc2``,
   shuffle + LZ4 at level 1) to other hosts;
 * a server without the route (plain Tiled, an older scatterbroker) is detected

@@ -19,10 +19,11 @@ written on the way, so :class:`EntryCache` keeps it:
 * **Reads only.** Only walks asking for read scopes (``read:metadata``,
   ``read:data``) are cached; every write route walks as Tiled does.
 * **Until a write.** An entry is dropped when, after its walk started, a
-  write reached the node itself or one of its ancestors
-  (:class:`scatterbroker.write_log.WriteLog`, ``reach="node"``: a write
-  further down, say a frame appended to a child, does not change the node's
-  own row, and the routes query a container's children afresh anyway). A
+  write changed the node's catalog row, or a write at one of its ancestors
+  may have changed what lies below it (:class:`scatterbroker.write_log.WriteLog`,
+  ``reach="entry"``: a table row appended to the node, or anything written
+  further down, say a frame appended to a child, leaves the node's own row
+  as it was, and the routes query a container's children afresh anyway). A
   walk that overlapped a write is not kept. A new walk starts from the
   deepest ancestor still kept for the same identity (Tiled's ``get_entry``
   with that node as its root), and concurrent walks of one node with no

@@ -160,14 +160,18 @@ def read_payload(entry: Any, key: _wire.Key, codecs: list[str] | str = "none") -
 
 def _cbf_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, ...]) -> Payload | None:
     """Whole CBF frames as their files store them (codec ``cbf``), or None to decode them here."""
-    first = key[0]
-    positions = range(first, first + 1) if isinstance(first, int) else range(first.start, first.stop, first.step)
-    sections = entry.stored_frames(positions)
+    sections = entry.stored_frames(_leading(key))
     if sections is None:
         return None
     body = sections[0] if len(sections) == 1 else b"".join(sections)
     return Payload(body, shape, dtype, codec="cbf", chunk_sizes=[len(s) for s in sections],
                    chunk_frames=[1] * len(sections))
+
+
+def _leading(key: _wire.Key) -> range:
+    """The items of the leading axis a normalized ``key`` selects."""
+    first = key[0]
+    return range(first, first + 1) if isinstance(first, int) else range(first.start, first.stop, first.step)
 
 
 async def _wait(awaitable: Any) -> Any:
@@ -290,12 +294,7 @@ def _build_layout(dset: Any, handle: Any) -> _Layout | None:
                    tuple(name for _, _, name in filters))
 
 
-def _layout_for(entry: Any) -> tuple[_Layout | None, Any, Any]:
-    layout, dset, handle, _key = _keyed_layout_for(entry)
-    return layout, dset, handle
-
-
-def _keyed_layout_for(entry: Any) -> tuple[_Layout | None, Any, Any, tuple | None]:
+def _layout_for(entry: Any) -> tuple[_Layout | None, Any, Any, tuple | None]:
     """(layout, dataset, handle, key): the key names the dataset in the file as it is open."""
     dset, handle, key = entry.open_dataset()
     if handle.driver != "sec2":
@@ -329,19 +328,18 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
 def _h5_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, ...],
                 *, direct: bool) -> Payload | None:
     """Read an HDF5 selection below h5py, or None to let h5py do it."""
-    layout, dset, handle, layout_key = _keyed_layout_for(entry)
+    layout, dset, handle, layout_key = _layout_for(entry)
     if layout is None or layout.dtype != dtype or layout.shape != tuple(entry.structure().shape):
         return None
     first = key[0]
-    frames = range(first, first + 1) if isinstance(first, int) else range(first.start, first.stop, first.step)
+    frames = _leading(key)
     c0 = layout.chunk0
     touched = {i // c0 for i in frames}
     if any(layout.offsets[j] < 0 for j in touched):
         return None  # unwritten chunks: h5py knows the fill value
     fd = handle.id.get_vfd_handle()
     trailing = key[1:]
-    full = all(isinstance(k, slice) and k.step == 1 and k.start == 0 and k.stop == n
-               for k, n in zip(trailing, layout.shape[1:]))
+    full = _wire.whole_frames(key, layout.shape)
     if direct and layout.codec == "bslz4" and full and (isinstance(first, int) or first.step == 1):
         if frames.start % c0 == 0 and (frames.stop % c0 == 0 or frames.stop == layout.shape[0]) \
                 and not any(layout.masks[j] for j in touched):
@@ -393,7 +391,8 @@ def _h5_payload(entry: Any, key: _wire.Key, dtype: np.dtype, shape: tuple[int, .
         else:
             chunk = np.empty((c0, *layout.shape[1:]), dtype=dtype)
             _wire.bslz4_decode_into(stored, chunk, dtype.itemsize)
-            frame_cache.frames.put((layout_key, j), chunk)
+            if not full:  # kept for the parts of frames read next (full reads skip the cache)
+                frame_cache.frames.put((layout_key, j), chunk)
         for k, i in members:
             flat[k] = chunk[i - j * c0][tuple(trailing)]
 

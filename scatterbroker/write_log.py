@@ -132,18 +132,22 @@ class WriteLog:
             for marks in (self._at, self._row, self._tree, self._kids, self._under):
                 marks.clear()
             return
+        if removed:
+            self._mark_at(node, "tree")
+            if node:
+                self._mark_at(ancestors(node)[-1], "node")  # its count of children
+        else:
+            self._mark_at(node, kind)
+
+    def _mark_at(self, node: str, kind: str) -> None:
         lineage = ancestors(node)
         self._at[node] = self.tick
-        if kind != "data" or removed:
+        if kind != "data":
             self._row[node] = self.tick
-        if kind == "tree" or removed:
+        if kind == "tree":
             self._tree[node] = self.tick
         if lineage:
             self._kids[lineage[-1]] = self.tick
-            if removed:
-                self._at[lineage[-1]] = self._row[lineage[-1]] = self.tick
-                if len(lineage) > 1:
-                    self._kids[lineage[-2]] = self.tick
         for path in (*lineage, node):
             self._under[path] = self.tick
 
