@@ -59,7 +59,7 @@ import tiled.server.router
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapters.roots import files_read, one_stamp_each, unchanged
-from .write_log import WriteLog, ancestors, cache_ttl, node_path
+from .write_log import WriteLog, ancestors, cache_ttl, forget_expired, node_path
 
 __all__ = ["EntryCache", "install", "get_entry", "cache_for", "who"]
 
@@ -118,6 +118,10 @@ class EntryCache:
         self._flights: dict[tuple, tuple[int, asyncio.Future]] = {}
         self._by_node: dict[tuple, _Kept] = {}  # (node, identity) -> the last entry kept for it
         self.stats = {"hit": 0, "joined": 0, "miss": 0, "partial": 0}
+
+    def __len__(self) -> int:
+        """How many entries are kept."""
+        return len(self._kept)
 
     def _fresh(self, node: str, kept: _Kept) -> bool:
         return (time.monotonic() - kept.born <= self.ttl
@@ -223,6 +227,7 @@ class EntryCache:
         future.set_result(kept)
         # Not kept if a write overlapped the walk or a file changed while it was opened.
         if stamps is not None and self._fresh(node, kept):
+            forget_expired(self._kept, self.ttl, self._forget)
             self._kept[key] = kept
             self._by_node[(node, key[-1])] = kept
             while len(self._kept) > self.size:

@@ -86,7 +86,7 @@ from tiled.server.app import CSRF_COOKIE_NAME
 
 from .adapters.roots import files_read, one_stamp_each, unchanged
 from .fastpath import _authorize, _who
-from .write_log import WriteLog, cache_ttl, enabled_by_default, env_number, split_node_route
+from .write_log import WriteLog, cache_ttl, enabled_by_default, env_number, forget_expired, split_node_route
 
 __all__ = ["ResponseCache", "enabled_by_default"]
 
@@ -168,6 +168,10 @@ class ResponseCache:
         self._flights: dict[tuple, _Flight] = {}
         self._solo: OrderedDict[tuple, None] = OrderedDict()  # keys whose last answer was not kept
         self.stats = {"hit": 0, "joined": 0, "miss": 0, "pass": 0}
+
+    def __len__(self) -> int:
+        """How many answers are kept."""
+        return len(self._answers)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -299,6 +303,7 @@ class ResponseCache:
         if self._stale(answer):
             return  # a write overlapped this request: its answer may be either side of it
         self._drop(key)
+        forget_expired(self._answers, self.ttl, self._drop)
         self._answers[key] = answer
         self._bytes += len(answer.body)
         while self._bytes > self.max_bytes and self._answers:

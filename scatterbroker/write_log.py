@@ -20,12 +20,14 @@ caches are for one-process servers (see :func:`scatterbroker.server.build_app`).
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
 
 from .environment import env_flag
 
 __all__ = ["API", "KINDS", "NODE_ROUTES", "REACHES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl",
-           "enabled_by_default", "env_number", "node_path", "split_node_route", "write_kind"]
+           "enabled_by_default", "env_number", "forget_expired", "node_path", "split_node_route", "write_kind"]
 
 API = "/api/v1/"
 #: every Tiled route (any method) whose URL is ``{API}{route}/{node path}``, and ours
@@ -47,6 +49,26 @@ def cache_ttl() -> float:
     """Seconds a read cache keeps anything at most (``SCATTERBROKER_RESPONSE_CACHE_TTL``, 10):
     the bound on staleness if something writes the catalog database around the server."""
     return env_number("SCATTERBROKER_RESPONSE_CACHE_TTL", 10)
+
+
+def forget_expired(kept: OrderedDict, ttl: float, forget: Callable[[Hashable], None]) -> None:
+    """Forget the least recently used things in ``kept`` while they are older than ``ttl`` s.
+
+    ``kept`` maps keys to things with a ``born`` (``time.monotonic()``) in
+    least-recently-used order (a use moves its key to the end); ``forget(key)``
+    removes one. A thing is born no later than its last use, so this leaves
+    only what was used in the last ``ttl`` seconds. Without it, an expired
+    thing is dropped only when its key is asked for again, and keys that are
+    not (the URL of each new frame of a live scan, each listing page once
+    its offset moved on) would stay until the size bound pushed them out:
+    memory that grows for as long as a scan is ingested.
+    """
+    limit = time.monotonic() - ttl
+    while kept:
+        key, thing = next(iter(kept.items()))
+        if thing.born >= limit:
+            return
+        forget(key)
 
 
 def enabled_by_default(one_process: bool, variable: str = "SCATTERBROKER_RESPONSE_CACHE") -> bool:

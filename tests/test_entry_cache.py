@@ -14,6 +14,7 @@ the cache key, the second key would get the first's filtered container.)
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import numpy as np
@@ -80,6 +81,27 @@ def test_off_unless_one_process(monkeypatch, tmp_path):
     monkeypatch.setenv("SCATTERBROKER_ENTRY_CACHE", "0")
     app = build_app(local_config(tmp_path / "data2", [], api_key=API_KEY))
     assert entry_cache.cache_for(app.state.root_tree) is None
+
+
+def test_entries_not_asked_for_again_within_the_ttl_are_forgotten(monkeypatch, tmp_path):
+    """Each kept entry holds a node and its adapter (open files, parsed NeXus trees): entries of
+    nodes nobody asked for within the TTL go when the next one is kept, not at the size bound."""
+    monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE_TTL", "0.5")
+    app = build_app(local_config(tmp_path / "data", [], api_key=API_KEY), response_cache=False)
+    cache = entry_cache.cache_for(app.state.root_tree)
+    with serve_in_thread(app) as url, httpx.Client(
+            base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
+        from tiled.client import from_uri
+
+        top = from_uri(url, api_key=API_KEY)
+        for i in range(5):
+            top.create_container(f"scan{i}")
+        for i in range(5):
+            metadata(http, f"scan{i}")
+        assert len(cache) == 5
+        time.sleep(0.7)
+        metadata(http, "scan0")
+        assert len(cache) == 1
 
 
 def test_a_walk_is_reused_until_the_node_or_one_above_is_written(http, cache, top):

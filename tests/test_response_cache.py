@@ -9,6 +9,8 @@ two keys that see different children, against a server with the cache on.)
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import numpy as np
 import pyarrow as pa
@@ -244,6 +246,27 @@ def test_files_changed_on_disk_are_read_afresh(tmp_path):
         assert HIT not in after.headers and after.json()["data"]["attributes"]["structure"]["shape"][0] == 3
         got = http.get(f"array/full/d/{cbf}", headers=octet)
         assert HIT not in got.headers and np.array_equal(np.frombuffer(got.content, "int32"), frames[2].ravel())
+
+
+def test_answers_not_asked_for_again_within_the_ttl_are_forgotten(monkeypatch, tmp_path):
+    """Keys read once (each new frame of a live scan, a listing page) do not pile up until the
+    size bound: whatever was not used for the TTL goes when the next answer is kept."""
+    monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE_TTL", "0.5")
+    app = build_app(local_config(tmp_path / "data", [], api_key=API_KEY), entry_cache=False)
+    with serve_in_thread(app) as url, httpx.Client(
+            base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
+        from tiled.client import from_uri
+
+        top = from_uri(url, api_key=API_KEY)
+        for i in range(5):
+            top.create_container(f"scan{i}")
+        for i in range(5):
+            assert http.get(f"metadata/scan{i}").status_code == 200
+        cache = cache_of(app)
+        assert len(cache) >= 5  # and the client's first read of the root
+        time.sleep(0.7)
+        http.get("metadata/scan0")
+        assert len(cache) == 1
 
 
 def test_off_for_several_workers_unless_asked(monkeypatch, tmp_path):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from types import SimpleNamespace
+
 import pytest
 
-from scatterbroker.write_log import WriteLog, write_kind
+from scatterbroker.write_log import WriteLog, forget_expired, write_kind
 
 
 def test_each_reach_sees_the_writes_its_reads_show():
@@ -91,3 +95,14 @@ def test_the_proposal_policy_cascades_metadata_writes_only_under_jobs(tmp_path):
     facility = local_config(tmp_path / "b", [], api_key=API_KEY)
     facility["access_control"] = {"access_policy": "scatterbroker.access:ProposalAccessPolicy", "args": {}}
     assert cascading_metadata(build_app(facility)) == ("jobs",)
+
+
+def test_what_was_not_used_within_the_ttl_is_forgotten():
+    now = time.monotonic()
+    kept = OrderedDict((key, SimpleNamespace(born=now - age)) for key, age in
+                       [("a", 30), ("b", 20), ("c", 1), ("d", 40)])  # d: old, but used last
+    forget_expired(kept, 10, kept.pop)
+    assert list(kept) == ["c", "d"]  # d goes when its key is asked for again (stale)
+    forget_expired(kept, 0.5, kept.pop)
+    assert list(kept) == []
+    forget_expired(kept, 10, kept.pop)  # empty: nothing to do
