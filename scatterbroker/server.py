@@ -21,6 +21,7 @@ from .adapters import registry
 from .adapters.roots import normalize_roots
 from .catalog.guard import guard
 from .environment import check_environment, env_flag
+from .streaming import memory_config
 
 #: Where ``scatterbroker serve`` keeps its catalog and written data by default.
 DEFAULT_DATA_DIR = Path(os.environ.get("SCATTERBROKER_DATA", "scatterbroker-data"))
@@ -42,7 +43,8 @@ def catalog(
 
     ``cache_config`` is Tiled's streaming cache (websocket subscriptions, so a
     client following a scan hears of each new frame): in-process memory by
-    default; ``{"uri": "redis://host:6379"}`` when several workers serve.
+    default, bounded by bytes (:mod:`scatterbroker.streaming`: ``max_bytes``,
+    ``data_ttl``); ``{"uri": "redis://host:6379"}`` when several workers serve.
     (Tiled fills this only for its own tree factories, so configs name it here.)
     """
     from tiled.catalog import from_uri
@@ -67,7 +69,7 @@ def catalog(
         writable_storage=writable_storage,
         init_if_not_exists=init_if_not_exists,
         adapters_by_mimetype=adapters,
-        cache_config=dict(cache_config or {"uri": "memory"}),
+        cache_config=memory_config(cache_config),
         **kwargs,
     )
     _duckdb_one_at_a_time(tree)

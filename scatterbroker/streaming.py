@@ -1,0 +1,91 @@
+"""Tiled's in-process streaming cache, bounded by bytes.
+
+Tiled publishes a message on every write a websocket subscriber may follow (a
+child created, metadata updated, a data source put) and keeps it so that a
+subscriber can replay what it missed. Its in-memory datastore keeps the last
+1000 messages for 30 days, whatever their size, and an ``array-ref`` message
+carries the whole data source: every asset of it. A live scan whose frames
+are appended one at a time therefore leaves messages that grow with the scan,
+and the server's memory grows with them (measured: +20 MB/min under
+``benchmarks/load.py``, 900 frames appended in 3 min; flat with this bound).
+
+:class:`BoundedMemoryDatastore` is the same datastore with its messages
+bounded by their total bytes (``max_bytes``, ``SCATTERBROKER_STREAM_CACHE_BYTES``,
+64 MiB) and kept ``data_ttl`` seconds (3600, Tiled's default for Redis),
+oldest first out. A subscriber that falls further behind than that misses
+the messages in between, as with Redis's TTL; one message larger than the
+whole bound is announced but not kept (the subscriber skips it, as it skips an
+expired one). :func:`memory_config` turns the ``{"uri": "memory"}`` that
+:func:`scatterbroker.server.catalog` defaults to into this datastore; Redis
+configs are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import cachetools
+from tiled.server.streaming import TTLCacheDatastore, register_datastore, safe_json_dump
+
+from .write_log import env_number
+
+__all__ = ["DATASTORE", "BoundedMemoryDatastore", "memory_config", "message_bytes"]
+
+#: the name this datastore is registered under in Tiled's streaming-cache registry
+DATASTORE = "scatterbroker-memory"
+
+logger = logging.getLogger(__name__)
+
+
+def message_bytes(mapping: dict[str, Any]) -> int:
+    """Bytes a kept message holds: its JSON metadata and its payload, if any."""
+    return len(mapping.get("metadata") or b"") + len(mapping.get("payload") or b"")
+
+
+@register_datastore(DATASTORE)
+class BoundedMemoryDatastore(TTLCacheDatastore):
+    """Tiled's ``TTLCacheDatastore`` with messages bounded by bytes (see the module docstring).
+
+    ``settings``: ``max_bytes`` (all kept messages), ``data_ttl`` (s a message
+    is kept), ``seq_ttl`` (s a node's sequence counter is kept) and ``maxsize``
+    (nodes whose counters are kept, 10000).
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        super().__init__({"maxsize": 10_000, "seq_ttl": 2_592_000, **settings})
+        self.max_bytes = int(settings.get("max_bytes")
+                             or env_number("SCATTERBROKER_STREAM_CACHE_BYTES", 64 << 20))
+        self._data_cache = cachetools.TTLCache(
+            maxsize=self.max_bytes, ttl=float(settings.get("data_ttl", 3600)), getsizeof=message_bytes)
+        self.not_kept = 0  # messages larger than max_bytes
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the messages kept now."""
+        return int(self._data_cache.currsize)
+
+    async def set(self, node_id: str, sequence: int, metadata: Any, payload: bytes | None = None) -> None:
+        mapping: dict[str, Any] = {"sequence": sequence, "metadata": safe_json_dump(metadata)}
+        if payload:
+            mapping["payload"] = payload
+        if message_bytes(mapping) > self.max_bytes:
+            self.not_kept += 1
+            logger.warning("streaming message %s of node %s is %d bytes, more than the %d kept in all: "
+                           "announced, not kept", sequence, node_id, message_bytes(mapping), self.max_bytes)
+        else:
+            async with self._lock:
+                self._data_cache[f"data:{node_id}:{sequence}"] = mapping
+        await self._pubsub.publish(f"notify:{node_id}", sequence)
+
+
+def memory_config(cache_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Tiled's ``cache_config`` for a tree: ``None`` or an in-memory one (``uri: memory``) becomes
+    :class:`BoundedMemoryDatastore` (other keys kept); anything else (Redis) is returned as is."""
+    config = dict(cache_config or {"uri": "memory"})
+    uri = str(config.get("uri") or "")
+    if uri.startswith("memory") and not config.get("sentinels"):
+        # Tiled picks its own memory datastore for a "memory" URI; with no URI it takes ours.
+        config.pop("uri")
+        config["datastore"] = DATASTORE
+    return config
