@@ -1,23 +1,25 @@
 """Tiled's in-process streaming cache, bounded by bytes.
 
 Tiled publishes a message on every write a websocket subscriber may follow (a
-child created, metadata updated, a data source put) and keeps it so that a
-subscriber can replay what it missed. Its in-memory datastore keeps the last
-1000 messages for 30 days, whatever their size, and an ``array-ref`` message
-carries the whole data source: every asset of it. A live scan whose frames
-are appended one at a time therefore leaves messages that grow with the scan,
-and the server's memory grows with them (measured: +20 MB/min under
-``benchmarks/load.py``, 900 frames appended in 3 min; flat with this bound).
+child created, metadata updated, a data source put, table rows appended) and
+keeps it so that a subscriber can replay what it missed. Its in-memory
+datastore keeps the last 1000 messages for 30 days, whatever their size, and
+a ``table-data`` message carries the appended rows themselves (the request
+body: 12 KiB for one 31-column row). A watcher appending one ``headers`` row
+per frame thus grew the server by ~20 KiB per frame, +11.5 MB/min at 5
+frames/s with almost no reads (``benchmarks/load.py --clients 1 --think 1``;
++0.1 MB/min with this bound), and +20-28 MB/min under the full load.
 
 :class:`BoundedMemoryDatastore` is the same datastore with its messages
 bounded by their total bytes (``max_bytes``, ``SCATTERBROKER_STREAM_CACHE_BYTES``,
-64 MiB) and kept ``data_ttl`` seconds (3600, Tiled's default for Redis),
-oldest first out. A subscriber that falls further behind than that misses
-the messages in between, as with Redis's TTL; one message larger than the
-whole bound is announced but not kept (the subscriber skips it, as it skips an
-expired one). :func:`memory_config` turns the ``{"uri": "memory"}`` that
-:func:`scatterbroker.server.catalog` defaults to into this datastore; Redis
-configs are left as they are.
+4 MiB: ~300 one-row appends, a minute of that 5 frames/s scan) and kept
+``data_ttl`` seconds (3600, Tiled's default for Redis), oldest first out. It
+is a replay buffer for subscribers that reconnect, not a history: one that
+falls further behind misses the messages in between, as with Redis's TTL,
+and one message larger than the whole bound is announced but not kept (the
+subscriber skips it, as it skips an expired one). :func:`memory_config`
+turns the ``{"uri": "memory"}`` that :func:`scatterbroker.server.catalog`
+defaults to into this datastore; Redis configs are left as they are.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ __all__ = ["DATASTORE", "BoundedMemoryDatastore", "memory_config", "message_byte
 
 #: the name this datastore is registered under in Tiled's streaming-cache registry
 DATASTORE = "scatterbroker-memory"
+#: bytes a kept message costs besides its content: its dict, key and TTL link
+BOOKKEEPING = 512
 
 logger = logging.getLogger(__name__)
 
 
 def message_bytes(mapping: dict[str, Any]) -> int:
-    """Bytes a kept message holds: its JSON metadata and its payload, if any."""
-    return len(mapping.get("metadata") or b"") + len(mapping.get("payload") or b"")
+    """Bytes a kept message holds: its JSON metadata, its payload if any, and :data:`BOOKKEEPING`."""
+    return len(mapping.get("metadata") or b"") + len(mapping.get("payload") or b"") + BOOKKEEPING
 
 
 @register_datastore(DATASTORE)
@@ -55,7 +59,7 @@ class BoundedMemoryDatastore(TTLCacheDatastore):
     def __init__(self, settings: dict[str, Any]) -> None:
         super().__init__({"maxsize": 10_000, "seq_ttl": 2_592_000, **settings})
         self.max_bytes = int(settings.get("max_bytes")
-                             or env_number("SCATTERBROKER_STREAM_CACHE_BYTES", 64 << 20))
+                             or env_number("SCATTERBROKER_STREAM_CACHE_BYTES", 4 << 20))
         self._data_cache = cachetools.TTLCache(
             maxsize=self.max_bytes, ttl=float(settings.get("data_ttl", 3600)), getsizeof=message_bytes)
         self.not_kept = 0  # messages larger than max_bytes

@@ -72,6 +72,22 @@ def test_a_message_larger_than_the_bound_is_not_kept_and_the_next_one_is():
     assert kept(datastore, "scan", [1, 2]).keys() == {2}
 
 
+def test_appended_rows_count_toward_the_bound():
+    """A ``table-data`` message carries the appended rows (the request body) as its payload."""
+    datastore = BoundedMemoryDatastore({"max_bytes": 50_000})
+
+    async def publish():
+        for s in range(1, 11):
+            await datastore.set("headers", s, {"type": "table-data", "append": True}, payload=b"r" * 12_000)
+    asyncio.run(publish())
+
+    async def payloads():
+        return [(await datastore.get(f"data:headers:{s}", "payload"))[0] for s in range(1, 11)]
+    found = [p for p in asyncio.run(payloads()) if p is not None]
+    assert 1 <= len(found) <= 4 and found[-1] == b"r" * 12_000
+    assert datastore.kept_bytes <= 50_000
+
+
 def test_messages_older_than_data_ttl_go():
     datastore = BoundedMemoryDatastore({"max_bytes": 1 << 20, "data_ttl": 0.2})
     append_scan(datastore, 2)
