@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,28 @@ def backend(request) -> Backend:
     if request.param == "sqlite":
         return SQLITE
     return Backend("postgresql", request.getfixturevalue("postgres"))
+
+
+@contextmanager
+def five_scans_read_once(monkeypatch, data_dir: Path, **build):
+    """A server (``build_app(..., **build)``) whose read caches keep things 0.5 s, with
+    ``scan0`` ... ``scan4`` created at its root and each one's metadata read once;
+    yields ``(app, http)`` (an httpx client on ``/api/v1/`` with the key)."""
+    import httpx
+    from tiled.client import from_uri
+
+    from scatterbroker.server import build_app, local_config, serve_in_thread
+
+    monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE_TTL", "0.5")
+    app = build_app(local_config(data_dir, [], api_key=API_KEY), **build)
+    with serve_in_thread(app) as url, httpx.Client(
+            base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
+        top = from_uri(url, api_key=API_KEY)
+        for i in range(5):
+            top.create_container(f"scan{i}")
+        for i in range(5):
+            assert http.get(f"metadata/scan{i}").status_code == 200
+        yield app, http
 
 
 def start_server(data_dir: Path, roots: list[Path], *, public: bool = False,

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import API_KEY, change_files, files_that_change, make_frames, write_cbf
+from conftest import API_KEY, change_files, files_that_change, five_scans_read_once, make_frames, write_cbf
 
 from scatterbroker import entry_cache
 from scatterbroker.server import build_app, local_config, serve_in_thread
@@ -86,18 +86,8 @@ def test_off_unless_one_process(monkeypatch, tmp_path):
 def test_entries_not_asked_for_again_within_the_ttl_are_forgotten(monkeypatch, tmp_path):
     """Each kept entry holds a node and its adapter (open files, parsed NeXus trees): entries of
     nodes nobody asked for within the TTL go when the next one is kept, not at the size bound."""
-    monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE_TTL", "0.5")
-    app = build_app(local_config(tmp_path / "data", [], api_key=API_KEY), response_cache=False)
-    cache = entry_cache.cache_for(app.state.root_tree)
-    with serve_in_thread(app) as url, httpx.Client(
-            base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
-        from tiled.client import from_uri
-
-        top = from_uri(url, api_key=API_KEY)
-        for i in range(5):
-            top.create_container(f"scan{i}")
-        for i in range(5):
-            metadata(http, f"scan{i}")
+    with five_scans_read_once(monkeypatch, tmp_path / "data", response_cache=False) as (app, http):
+        cache = entry_cache.cache_for(app.state.root_tree)
         assert len(cache) == 5
         time.sleep(0.7)
         metadata(http, "scan0")

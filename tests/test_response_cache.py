@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import API_KEY, change_files, files_that_change, make_frames, start_server
+from conftest import API_KEY, change_files, files_that_change, five_scans_read_once, make_frames, start_server
 
 from scatterbroker.response_cache import ResponseCache, enabled_by_default
 from scatterbroker.server import build_app, local_config, serve_in_thread
@@ -251,17 +251,7 @@ def test_files_changed_on_disk_are_read_afresh(tmp_path):
 def test_answers_not_asked_for_again_within_the_ttl_are_forgotten(monkeypatch, tmp_path):
     """Keys read once (each new frame of a live scan, a listing page) do not pile up until the
     size bound: whatever was not used for the TTL goes when the next answer is kept."""
-    monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE_TTL", "0.5")
-    app = build_app(local_config(tmp_path / "data", [], api_key=API_KEY), entry_cache=False)
-    with serve_in_thread(app) as url, httpx.Client(
-            base_url=url + "/api/v1/", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
-        from tiled.client import from_uri
-
-        top = from_uri(url, api_key=API_KEY)
-        for i in range(5):
-            top.create_container(f"scan{i}")
-        for i in range(5):
-            assert http.get(f"metadata/scan{i}").status_code == 200
+    with five_scans_read_once(monkeypatch, tmp_path / "data", entry_cache=False) as (app, http):
         cache = cache_of(app)
         assert len(cache) >= 5  # and the client's first read of the root
         time.sleep(0.7)
