@@ -10,9 +10,12 @@ per frame thus grew the server by ~20 KiB per frame, +11.5 MB/min at 5
 frames/s with almost no reads (``benchmarks/load.py --clients 1 --think 1``;
 +0.1 MB/min with this bound), and +20-28 MB/min under the full load.
 
+Kept messages cost more than their bytes: each one kept for long among the
+short-lived allocations of the requests around it pins heap pages. With a 4
+MiB bound the full load still grew +16 MB/min over 180 s, with 100 kB +0.8.
 :class:`BoundedMemoryDatastore` is the same datastore with its messages
 bounded by their total bytes (``max_bytes``, ``SCATTERBROKER_STREAM_CACHE_BYTES``,
-4 MiB: ~300 one-row appends, a minute of that 5 frames/s scan) and kept
+256 KiB: ~180 messages of that 5 frames/s scan, its last ~13 s) and kept
 ``data_ttl`` seconds (3600, Tiled's default for Redis), oldest first out. It
 is a replay buffer for subscribers that reconnect, not a history: one that
 falls further behind misses the messages in between, as with Redis's TTL,
@@ -59,7 +62,7 @@ class BoundedMemoryDatastore(TTLCacheDatastore):
     def __init__(self, settings: dict[str, Any]) -> None:
         super().__init__({"maxsize": 10_000, "seq_ttl": 2_592_000, **settings})
         self.max_bytes = int(settings.get("max_bytes")
-                             or env_number("SCATTERBROKER_STREAM_CACHE_BYTES", 4 << 20))
+                             or env_number("SCATTERBROKER_STREAM_CACHE_BYTES", 256 << 10))
         self._data_cache = cachetools.TTLCache(
             maxsize=self.max_bytes, ttl=float(settings.get("data_ttl", 3600)), getsizeof=message_bytes)
         self.not_kept = 0  # messages larger than max_bytes
