@@ -33,6 +33,12 @@ def env_flag(name: str, default: bool, environ: MutableMapping[str, str] = os.en
     raise ValueError(f"{name}={environ[name]!r}: expected one of {', '.join(_ON + _OFF)}")
 
 
+def env_number(name: str, default: float, environ: MutableMapping[str, str] = os.environ) -> float:
+    """The number in environment variable ``name``, or ``default`` if it is unset or blank."""
+    text = environ.get(name, "").strip()
+    return float(text) if text else default
+
+
 def load_secret_files(environ: MutableMapping[str, str] = os.environ) -> list[str]:
     """Fill ``SCATTERBROKER_X`` from the file named by ``SCATTERBROKER_X_FILE``; return the names set.
 

@@ -20,7 +20,7 @@ from typing import Hashable
 
 import numpy as np
 
-from .write_log import env_number
+from .environment import env_number
 
 __all__ = ["FrameCache", "frames"]
 

@@ -85,8 +85,9 @@ from starlette.responses import Response
 from tiled.server.app import CSRF_COOKIE_NAME
 
 from .adapters.roots import files_read, one_stamp_each, unchanged
+from .environment import env_number
 from .fastpath import _authorize, _who
-from .write_log import WriteLog, cache_ttl, enabled_by_default, env_number, forget_expired, split_node_route
+from .write_log import WriteLog, cache_ttl, enabled_by_default, forget_expired, split_node_route
 
 __all__ = ["ResponseCache", "enabled_by_default"]
 

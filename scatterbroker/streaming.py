@@ -33,7 +33,7 @@ from typing import Any
 import cachetools
 from tiled.server.streaming import TTLCacheDatastore, register_datastore, safe_json_dump
 
-from .write_log import env_number
+from .environment import env_number
 
 __all__ = ["DATASTORE", "BoundedMemoryDatastore", "memory_config", "message_bytes"]
 

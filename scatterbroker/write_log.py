@@ -19,15 +19,14 @@ caches are for one-process servers (see :func:`scatterbroker.server.build_app`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
-from .environment import env_flag
+from .environment import env_flag, env_number
 
 __all__ = ["API", "KINDS", "NODE_ROUTES", "REACHES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl",
-           "enabled_by_default", "env_number", "forget_expired", "node_path", "split_node_route", "write_kind"]
+           "enabled_by_default", "forget_expired", "node_path", "split_node_route", "write_kind"]
 
 API = "/api/v1/"
 #: every Tiled route (any method) whose URL is ``{API}{route}/{node path}``, and ours
@@ -37,12 +36,6 @@ NODE_ROUTES = ("metadata", "search", "array/full", "array/block", "table/full", 
                "asset/bytes", "asset/manifest", "asset", "stream/close", "sb/frames", "sb/info")
 #: written paths remembered before the log says "everything changed" and forgets them
 MAX_MARKS = 100_000
-
-
-def env_number(name: str, default: float) -> float:
-    """The number in environment variable ``name``, or ``default`` if it is unset or blank."""
-    text = os.environ.get(name, "").strip()
-    return float(text) if text else default
 
 
 def cache_ttl() -> float:
