@@ -76,10 +76,11 @@ class BoundedMemoryDatastore(TTLCacheDatastore):
         mapping: dict[str, Any] = {"sequence": sequence, "metadata": safe_json_dump(metadata)}
         if payload:
             mapping["payload"] = payload
-        if message_bytes(mapping) > self.max_bytes:
+        size = message_bytes(mapping)
+        if size > self.max_bytes:
             self.not_kept += 1
             logger.warning("streaming message %s of node %s is %d bytes, more than the %d kept in all: "
-                           "announced, not kept", sequence, node_id, message_bytes(mapping), self.max_bytes)
+                           "announced, not kept", sequence, node_id, size, self.max_bytes)
         else:
             async with self._lock:
                 self._data_cache[f"data:{node_id}:{sequence}"] = mapping
