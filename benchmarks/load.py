@@ -79,7 +79,10 @@ item limit is replayed more often here than in a beamline's catalog.
 its read caches (``SCATTERBROKER_RESPONSE_CACHE=0``,
 ``SCATTERBROKER_ENTRY_CACHE=0``: every request walks the catalog and is
 answered by Tiled), ``--baseline no-entry-cache`` without the entry cache
-only (:mod:`scatterbroker.entry_cache`), then as configured, and prints the
+only (:mod:`scatterbroker.entry_cache`), ``--baseline tiled-layers`` with
+Tiled's request middleware as Tiled builds it
+(``SCATTERBROKER_PLAIN_MIDDLEWARE=0``, :mod:`scatterbroker.tiled_layers`),
+then as configured, and prints the
 ratios of requests/s and p50/p99 latency; the last line is then their JSON.
 
 Sampled every second: the server's VmRSS, thread count and CPU time
@@ -112,6 +115,7 @@ Run
     python benchmarks/load.py --duration 300 --malloc-trim                # does RSS level off?
     python benchmarks/load.py --baseline no-cache                         # the read caches' gain (~5 min)
     python benchmarks/load.py --baseline no-entry-cache                   # the entry cache's alone (~5 min)
+    python benchmarks/load.py --baseline tiled-layers                     # Tiled's middleware flattened (~5 min)
 
 Loopback only: the server binds 127.0.0.1 and every request goes there. The
 machine may be shared: the load average is printed, and figures under load
@@ -627,8 +631,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep data and logs in a new directory here (default: a temporary one, removed)")
     p.add_argument("--baseline", choices=("none", *BASELINES), default="none",
                    help="first run the same load against the server without its read caches (no-cache: "
-                        "SCATTERBROKER_RESPONSE_CACHE=0 and SCATTERBROKER_ENTRY_CACHE=0) or without its entry "
-                        "cache only (no-entry-cache), then as configured, and print the ratios (default none)")
+                        "SCATTERBROKER_RESPONSE_CACHE=0 and SCATTERBROKER_ENTRY_CACHE=0), without its entry "
+                        "cache only (no-entry-cache) or with Tiled's request middleware as Tiled builds it "
+                        "(tiled-layers: SCATTERBROKER_PLAIN_MIDDLEWARE=0), then as configured, and print the "
+                        "ratios (default none)")
     args = p.parse_args(argv)
     mix = parse_mix(args.mix)
     shape = (args.shape[0], args.shape[1])
@@ -668,6 +674,8 @@ BASELINES = {
     "no-cache": ("the server without its read caches",
                  {"SCATTERBROKER_RESPONSE_CACHE": "0", "SCATTERBROKER_ENTRY_CACHE": "0"}),
     "no-entry-cache": ("the server without its entry cache", {"SCATTERBROKER_ENTRY_CACHE": "0"}),
+    "tiled-layers": ("the server with Tiled's six BaseHTTPMiddleware layers (scatterbroker.tiled_layers off)",
+                     {"SCATTERBROKER_PLAIN_MIDDLEWARE": "0"}),
 }
 
 

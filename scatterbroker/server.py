@@ -226,6 +226,9 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     else:
         check_environment(config)
         app = build_app_from_config(parse_configs(config))
+    from .tiled_layers import flatten
+
+    flatten(app)  # Tiled's six @app.middleware("http") layers as one plain ASGI middleware
     # Requests to the fast data route skip Tiled's middleware stack (see
     # scatterbroker.fastpath.FastLane); everything else is Tiled's app.
     from .fastpath import FastLane
