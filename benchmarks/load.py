@@ -82,7 +82,9 @@ answered by Tiled), ``--baseline no-entry-cache`` without the entry cache
 only (:mod:`scatterbroker.entry_cache`), ``--baseline tiled-layers`` with
 Tiled's request middleware as Tiled builds it
 (``SCATTERBROKER_PLAIN_MIDDLEWARE=0``, :mod:`scatterbroker.tiled_layers`),
-then as configured, and prints the
+``--baseline sqlite-threaded`` with the SQLite catalog's reads on aiosqlite's
+worker thread (``SCATTERBROKER_SQLITE_READS_ON_LOOP=0``,
+:mod:`scatterbroker.sqlite_reads`), then as configured, and prints the
 ratios of requests/s and p50/p99 latency; the last line is then their JSON.
 
 Sampled every second: the server's VmRSS, thread count and CPU time
@@ -116,6 +118,7 @@ Run
     python benchmarks/load.py --baseline no-cache                         # the read caches' gain (~5 min)
     python benchmarks/load.py --baseline no-entry-cache                   # the entry cache's alone (~5 min)
     python benchmarks/load.py --baseline tiled-layers                     # Tiled's middleware flattened (~5 min)
+    python benchmarks/load.py --baseline sqlite-threaded                  # catalog reads on the loop (~5 min)
 
 Loopback only: the server binds 127.0.0.1 and every request goes there. The
 machine may be shared: the load average is printed, and figures under load
@@ -632,9 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", choices=("none", *BASELINES), default="none",
                    help="first run the same load against the server without its read caches (no-cache: "
                         "SCATTERBROKER_RESPONSE_CACHE=0 and SCATTERBROKER_ENTRY_CACHE=0), without its entry "
-                        "cache only (no-entry-cache) or with Tiled's request middleware as Tiled builds it "
-                        "(tiled-layers: SCATTERBROKER_PLAIN_MIDDLEWARE=0), then as configured, and print the "
-                        "ratios (default none)")
+                        "cache only (no-entry-cache), with Tiled's request middleware as Tiled builds it "
+                        "(tiled-layers: SCATTERBROKER_PLAIN_MIDDLEWARE=0) or with the SQLite catalog's reads "
+                        "on aiosqlite's thread (sqlite-threaded: SCATTERBROKER_SQLITE_READS_ON_LOOP=0), then "
+                        "as configured, and print the ratios (default none)")
     args = p.parse_args(argv)
     mix = parse_mix(args.mix)
     shape = (args.shape[0], args.shape[1])
@@ -676,6 +680,8 @@ BASELINES = {
     "no-entry-cache": ("the server without its entry cache", {"SCATTERBROKER_ENTRY_CACHE": "0"}),
     "tiled-layers": ("the server with Tiled's six BaseHTTPMiddleware layers (scatterbroker.tiled_layers off)",
                      {"SCATTERBROKER_PLAIN_MIDDLEWARE": "0"}),
+    "sqlite-threaded": ("the server with its SQLite catalog's reads on aiosqlite's thread (scatterbroker.sqlite_reads "
+                        "off)", {"SCATTERBROKER_SQLITE_READS_ON_LOOP": "0"}),
 }
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import compression, request_overhead
+from . import compression, request_overhead, sqlite_reads
 from .adapters import registry
 from .adapters.roots import normalize_roots
 from .catalog.guard import guard
@@ -73,6 +73,7 @@ def catalog(
         **kwargs,
     )
     _duckdb_one_at_a_time(tree)
+    sqlite_reads.enable_wal(uri)  # Tiled means to, but its PRAGMA runs inside a transaction
     # Tiled mounts a tree's ``include_routers`` under /api/v1 (and /custom): the
     # fast data route (scatterbroker.fastpath) comes with every scatterbroker tree.
     from .fastpath import router
@@ -201,8 +202,11 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     Also sets the process's allocator to give frame-sized buffers back
     (:func:`release_large_buffers`), and has FastAPI build each route's
     dependencies and response models once instead of on every request
-    (:mod:`scatterbroker.request_overhead`), and Blosc2-compress array answers
-    shuffled by their item size (:mod:`scatterbroker.compression`).
+    (:mod:`scatterbroker.request_overhead`), Blosc2-compress array answers
+    shuffled by their item size (:mod:`scatterbroker.compression`), and run an
+    SQLite catalog's reads on the event loop (:mod:`scatterbroker.sqlite_reads`).
+    Tiled's per-request middleware becomes one plain ASGI layer
+    (:mod:`scatterbroker.tiled_layers`).
 
     ``response_cache`` keeps answers of Tiled's read routes until a write
     touches their node (:mod:`scatterbroker.response_cache`): right only when
@@ -218,6 +222,7 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     release_large_buffers()
     request_overhead.install()
     compression.install()
+    sqlite_reads.install()
     from tiled.config import Config, parse_configs
     from tiled.server.app import build_app_from_config
 
