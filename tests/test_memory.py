@@ -73,3 +73,21 @@ def test_serving_processes_freeze_what_start_up_made(mode, tmp_path):
     assert before == 0
     # a started server holds a few hundred thousand objects: frozen only when asked
     assert (after > 100_000) if mode == "freeze" else (after == 0), (before, after)
+
+
+ARROW_POOL = """
+import sys
+from pathlib import Path
+from scatterbroker.server import build_app, local_config
+build_app(local_config(Path(sys.argv[1]), [], api_key="k"))
+import pyarrow
+print(pyarrow.default_memory_pool().backend_name)
+"""
+
+
+def test_arrow_buffers_come_from_malloc_unless_the_operator_chose(tmp_path, monkeypatch):
+    """pyarrow's own pool (mimalloc) kept what it freed: the server's RSS grew with table reads."""
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    assert run_python(ARROW_POOL, str(tmp_path / "a"), timeout=120) == ["system"]
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+    assert run_python(ARROW_POOL, str(tmp_path / "b"), timeout=120) == ["mimalloc"]
