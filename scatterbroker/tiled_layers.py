@@ -113,9 +113,8 @@ def _cookie(params: dict[str, Any]) -> tuple[bytes, bytes]:
     return next(item for item in response.raw_headers if item[0] == b"set-cookie")
 
 
-def _early(scope: dict, headers: Headers) -> Response | None:
+def _early(request: Request, headers: Headers) -> Response | None:
     """What Tiled's client-version and CSRF checks answer before the app runs, or None."""
-    request = Request(scope)
     raw_version = raw_python_tiled_client_version(request)
     if raw_version is not None:
         try:
@@ -132,7 +131,7 @@ def _early(scope: dict, headers: Headers) -> Response | None:
                     f"Python Tiled client reports version {parsed}. "
                     f"Version {MINIMUM_SUPPORTED_PYTHON_CLIENT_VERSION} or higher "
                     "is needed to communicate with this Tiled server.")})
-    if scope["method"] in SAFE_METHODS or "cookie" not in headers:
+    if request.method in SAFE_METHODS or "cookie" not in headers:
         return None
     cookies = request.cookies
     if not set(cookies).intersection(SENSITIVE_COOKIES):
@@ -142,7 +141,7 @@ def _early(scope: dict, headers: Headers) -> Response | None:
         return Response(status_code=403, content="Expected tiled_csrf_token cookie")
     token = headers.get(CSRF_HEADER_NAME)
     if token is None:  # Tiled compares the list parse_qs gives, which raises (a 500): its first value here
-        token = next(iter(urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        token = next(iter(urllib.parse.parse_qs(request.scope.get("query_string", b"").decode("latin-1"))
                           .get(CSRF_QUERY_PARAMETER, ())), None)
     if not token:
         return Response(status_code=403, content=(
@@ -169,11 +168,11 @@ class TiledLayers:
         state["metrics"] = metrics
         state["cookies_to_set"] = []
         t0 = time.perf_counter()
+        request = Request(scope)  # one for the checks and Prometheus: its cookies are parsed once
         headers = Headers(scope=scope)
-        early = _early(scope, headers)
+        early = _early(request, headers)
         # Tiled's CSRF layer sets the cookie only on what the app answered
-        new_csrf = early is None and not (
-            "cookie" in headers and Request(scope).cookies.get(CSRF_COOKIE_NAME))
+        new_csrf = early is None and not ("cookie" in headers and request.cookies.get(CSRF_COOKIE_NAME))
         started = False
 
         async def send_changed(message: dict) -> None:
@@ -196,7 +195,7 @@ class TiledLayers:
                     for key, metrics_ in metrics.items())
                 message = {**message, "headers": out.raw}
                 if self.prometheus:
-                    self._observe(scope, message["status"], Headers(raw=out.raw))
+                    self._observe(request, message["status"], Headers(raw=out.raw))
                 current_principal.set(state["principal"])
             await send(message)
 
@@ -207,9 +206,9 @@ class TiledLayers:
             await self.app(scope, receive, send_changed)
         except Exception:
             if self.prometheus and not started:  # Tiled observes a request that raised as a 500, re-raises
-                self._observe(scope, 500, Headers())
+                self._observe(request, 500, Headers())
             raise
 
     @staticmethod
-    def _observe(scope: dict, status: int, headers: Headers) -> None:
-        prometheus_metrics.capture_request_metrics(Request(scope), SimpleNamespace(status_code=status, headers=headers))
+    def _observe(request: Request, status: int, headers: Headers) -> None:
+        prometheus_metrics.capture_request_metrics(request, SimpleNamespace(status_code=status, headers=headers))
