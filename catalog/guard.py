@@ -11,11 +11,23 @@ catalog refuse such requests when they arrive, whatever client sent them:
 * metadata must not contain a NUL character, in a key or a string value
   (HTTP 422): PostgreSQL's JSONB cannot store it (stock Tiled answers 500
   there, and SQLite would accept it, so a catalog could not move);
-* every path-based asset (``file:``, ``sqlite:``, ``duckdb:``) of an
-  externally managed data source must resolve, after symlinks and ``..``,
-  inside the readable roots, and be a regular file or a directory, not a
-  device or FIFO (HTTP 403). A path that does not exist yet is accepted when
-  its location is inside a root (a scan directory the detector has not filled).
+* every asset a client sends, whatever the data source's ``management``
+  (Tiled keeps client-sent assets next to the ones it makes for writable
+  data), must be a plain local URI: ``file:`` (or ``sqlite:``/``duckdb:``)
+  with an absolute path, no other host, no ``;``/``?``/``#`` parts and no
+  percent-escape (Tiled stores the path undecoded, other readers decode it,
+  so ``%2E%2E`` or ``%2F`` would make the file checked differ from the file
+  read). ``http:``, ``x-file:`` or a bare path are refused (HTTP 403);
+* the asset must resolve, after symlinks and ``..``, inside the readable
+  roots, and be a regular file or a directory, not a device or FIFO (HTTP
+  403). A path that does not exist yet is accepted when its location is
+  inside a root (a scan directory the detector has not filled);
+* it must not lie in the server's writable storage (HTTP 403): any write
+  key can put bytes of its choosing there (an awkward-array or Zarr write),
+  which registered as, say, HDF5 would reach decoders as a data file. The
+  writable storage stays readable for what the server wrote there itself.
+
+Refusals name the node path the request addressed, never a server path.
 
 It also clears storage a crash left behind. Tiled creates a new array's Zarr
 directory (under the writable storage, at the node's path) before it commits
@@ -42,45 +54,96 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..adapters.roots import Roots, confine, is_inside
-from ..errors import BrokenLink, InvalidMetadata, OutsideRoots
+from ..adapters.roots import Roots, confine, is_inside, normalize_roots, shown
+from ..errors import BrokenLink, InvalidMetadata, OutsideRoots, RefusedAsset, ScatterbrokerError
 from .names import check_key
 
 _ATTRIBUTE = "_scatterbroker_roots"
+_WRITABLE = "_scatterbroker_writable"
 _PATH_SCHEMES = {"file", "sqlite", "duckdb"}
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
-def check_asset(data_uri: str, roots: Roots) -> None:
-    """Raise OutsideRoots unless a path-based asset URI lies inside ``roots``."""
+def check_asset(data_uri: str, roots: Roots, writable: Roots = (), node: str = "") -> None:
+    """Raise unless ``data_uri`` is a plain local file URI inside ``roots`` and outside
+    ``writable``.
+
+    ``node`` is the catalog path the request addressed; refusals name it (and
+    the file by its last component only), so the answer shows no server path.
+
+    Raises
+    ------
+    RefusedAsset
+        Not a local ``file:``/``sqlite:``/``duckdb:`` URI with an absolute,
+        undecoded path; or inside the writable storage.
+    OutsideRoots
+        Resolves outside the roots, or to a device, FIFO or socket (or a
+        hard-linked file, where the operator refuses those).
+    """
     from tiled.utils import path_from_uri
 
-    if urlparse(data_uri).scheme not in _PATH_SCHEMES:
-        return
+    where = f"node {node or '/'!r}: "
+    if not isinstance(data_uri, str) or "\x00" in data_uri:
+        raise RefusedAsset(f"{where}an asset URI must be text without NUL characters")
+    parsed = urlparse(data_uri)
+    if parsed.scheme not in _PATH_SCHEMES:
+        what = f"scheme {parsed.scheme + ':'!r}" if parsed.scheme else "a bare path"
+        raise RefusedAsset(f"{where}asset URI has {what}; only file: URIs of files inside "
+                           "the readable roots can be registered")
+    if parsed.netloc not in ("", "localhost"):
+        raise RefusedAsset(f"{where}asset URI names host {parsed.netloc!r}; only this "
+                           "server's own files (file://localhost/...) can be registered")
+    if parsed.params or parsed.query or parsed.fragment:
+        raise RefusedAsset(f"{where}asset URI has a ';', '?' or '#' part, which readers "
+                           "would not take as part of the path")
+    if _PERCENT_ESCAPE.search(parsed.path):
+        raise RefusedAsset(f"{where}asset URI path contains a percent-escape "
+                           f"({_PERCENT_ESCAPE.search(parsed.path).group(0)}); the server stores "
+                           "paths as written, so it could read another file than the one checked")
     path = path_from_uri(data_uri)
+    if not path.is_absolute():
+        raise RefusedAsset(f"{where}asset URI path {str(path)!r} is relative; give an absolute path")
     try:
-        confine(path, roots, what="asset")
+        resolved = confine(path, roots, what="asset")
     except BrokenLink:
         # Missing (not yet written) or a symlink loop: accept only if its
         # location is inside a root; reading it later is confined again.
         resolved = Path(os.path.realpath(path))
         if not is_inside(resolved, roots):
             raise OutsideRoots(
-                f"asset {str(path)!r} resolves to {resolved}, outside the readable roots"
-            ) from None
+                f"{where}asset {shown(str(path))!r} leads outside the readable roots") from None
+    except ScatterbrokerError as err:
+        raise type(err)(where + str(err)) from None
+    if is_inside(resolved, writable):
+        raise RefusedAsset(
+            f"{where}asset {shown(str(path))!r} lies in the server's writable storage, "
+            "which holds bytes any write key can upload: it cannot be registered as data files")
 
 
-def check_data_sources(data_sources: Any, roots: Roots) -> None:
-    from tiled.structures.data_source import Management
+def check_data_sources(data_sources: Any, roots: Roots, writable: Roots = (), node: str = "") -> None:
+    """:func:`check_asset` for every asset of every data source a client sent.
 
+    All managements are checked, not only ``external``: Tiled keeps the assets a
+    client sends with a writable data source and adds its own after them."""
     for data_source in data_sources or []:
-        if getattr(data_source, "management", None) != Management.external:
-            continue  # the server writes those itself, in writable storage
         for asset in getattr(data_source, "assets", None) or []:
-            check_asset(asset.data_uri, roots)
+            check_asset(asset.data_uri, roots, writable, node)
+
+
+def _has_assets(data_sources: Any) -> bool:
+    return any(getattr(ds, "assets", None) for ds in data_sources or [])
+
+
+def writable_directories(catalog: Any) -> Roots:
+    """The real paths of ``catalog``'s file-based writable storage (Tiled's ``FileStorage``)."""
+    storage = getattr(getattr(catalog, "context", None), "writable_storage", None) or {}
+    return normalize_roots(s.path for s in storage.values()
+                           if urlparse(getattr(s, "uri", "")).scheme == "file")
 
 
 def check_metadata(metadata: Any) -> None:
@@ -101,9 +164,13 @@ def check_metadata(metadata: Any) -> None:
 
 
 def guard(catalog: Any, roots: Roots) -> Any:
-    """Make ``catalog`` (from ``tiled.catalog.from_uri``) check keys and assets."""
+    """Make ``catalog`` (from ``tiled.catalog.from_uri``) check keys and assets.
+
+    Assets must lie inside ``roots`` and outside the catalog's own file-based
+    writable storage (taken from the catalog, so it always matches the config)."""
     _install()
     setattr(catalog.context, _ATTRIBUTE, tuple(roots))
+    setattr(catalog.context, _WRITABLE, writable_directories(catalog))
     return catalog
 
 
@@ -172,7 +239,9 @@ def _install() -> None:
             if key is not None:
                 check_key(key)
             check_metadata(metadata)
-            check_data_sources(data_sources, roots)
+            if _has_assets(data_sources):
+                node = "/".join([*await self.path_segments(), key or "<new node>"])
+                check_data_sources(data_sources, roots, getattr(self.context, _WRITABLE, ()), node)
         try:
             return await create_node(self, structure_family, metadata, key, specs,
                                      data_sources, *args, **kwargs)
@@ -185,8 +254,9 @@ def _install() -> None:
     @functools.wraps(put_data_source)
     async def guarded_put_data_source(self, data_source, *args, **kwargs):
         roots = getattr(self.context, _ATTRIBUTE, None)
-        if roots is not None:
-            check_data_sources([data_source], roots)
+        if roots is not None and _has_assets([data_source]):
+            node = "/".join(await self.path_segments())
+            check_data_sources([data_source], roots, getattr(self.context, _WRITABLE, ()), node)
         return await put_data_source(self, data_source, *args, **kwargs)
 
     replace_metadata = CatalogNodeAdapter.replace_metadata

@@ -54,6 +54,16 @@ class OutsideRoots(ScatterbrokerError):
     status_code = 403
 
 
+class RefusedAsset(ScatterbrokerError):
+    """An asset a client asked to register that the server will not accept: not a
+    plain local ``file:`` URI (``http:``, ``x-file:``, a bare path, another host),
+    a URI whose path a reader could decode into another file (``%2F``, ``%2E``,
+    ``;``/``?``/``#`` parts), or a file inside the server's writable storage (where
+    any write key can put bytes of its choosing)."""
+
+    status_code = 403
+
+
 class BrokenLink(ScatterbrokerError):
     """An HDF5 external or soft link whose target does not exist (or loops)."""
 
