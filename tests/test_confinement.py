@@ -61,10 +61,13 @@ def site(tmp_path_factory, backend):
 def server(site, backend, tmp_path_factory):
     from tiled.client import from_uri
 
-    with start_server(tmp_path_factory.mktemp("db"), [site.data], backend=backend) as url:
+    db = tmp_path_factory.mktemp("db")
+    with start_server(db, [site.data], backend=backend) as url:
         with httpx.Client(base_url=f"{url}/api/v1", timeout=60,
                           headers={"Authorization": f"Apikey {API_KEY}"}) as http:
-            yield SimpleNamespace(url=url, http=http, client=from_uri(url, api_key=API_KEY))
+            # writable: the server's writable file storage (local_config's data_dir/files)
+            yield SimpleNamespace(url=url, http=http, client=from_uri(url, api_key=API_KEY),
+                                  writable=db.resolve() / "files")
 
 
 def make_dir(site, name: str) -> Path:
@@ -162,6 +165,147 @@ def test_server_refuses_an_outside_asset_from_plain_http(server, site):
     assert r.status_code == 403, r.text
     assert OUTSIDE in r.json()["detail"]
     assert "plain-http" not in server.client
+
+
+@pytest.mark.parametrize("case", [
+    "bare-path-outside", "bare-path-inside", "x-file", "http", "other-host",
+    "percent-dotdot", "percent-slash", "query", "fragment",
+])
+def test_server_refuses_asset_uris_it_cannot_confine_on_arrival(server, site, case):
+    """Asset URIs that are not plain local file: URIs are refused when they arrive
+    (they used to be stored and refused only when read), through Tiled's
+    ``POST /register`` and through the Tiled client."""
+    d = make_dir(site, f"uri-{case}")
+    write_cbf(d / "good.cbf", FRAME)
+    secret = site.outside / "secret.cbf"
+    uri = {
+        "bare-path-outside": str(secret),
+        "bare-path-inside": str(d / "good.cbf"),
+        "x-file": f"x-file://localhost{secret}",
+        "http": "http://127.0.0.1:9/secret.cbf",
+        "other-host": f"file://fileserver.example{d}/good.cbf",
+        "percent-dotdot": f"file://localhost{d}/%2E%2E/%2e%2e/outside/secret.cbf",
+        "percent-slash": f"file://localhost{d}/..%2F..%2Foutside%2Fsecret.cbf",
+        "query": f"file://localhost{d}/good.cbf?../../outside/secret.cbf",
+        "fragment": f"file://localhost{d}/good.cbf#../../outside/secret.cbf",
+    }[case]
+    key = f"uri-{case}"
+    body = {"id": key, "structure_family": "array", "metadata": {}, "specs": [],
+            "data_sources": [asdict(array_source(uri))]}
+    r = server.http.post("/register/", json=body)
+    assert r.status_code == 403, (uri, r.status_code, r.text)
+    detail = r.json()["detail"]
+    assert f"node '{key}'" in detail and str(site.base) not in detail, detail
+    with pytest.raises(ClientError) as info:
+        server.client.new(structure_family="array", data_sources=[array_source(uri)],
+                          key=key, metadata={})
+    assert str(info.value).startswith("403"), info.value
+    assert key not in server.client
+
+
+def test_writable_storage_cannot_be_registered_as_data_files(server, site):
+    """Any write key can put bytes of its choosing into the writable storage (here:
+    an array written through Tiled, and an HDF5 file standing for uploaded bytes);
+    none of it may be registered as a data file, by any route, though the storage
+    is readable. The refusal names the node path, not the server's directory."""
+    server.client.create_container("uploads").write_array(np.arange(6), key="arr")
+    stored = server.writable / "uploads" / "arr"
+    assert stored.is_dir()  # Tiled's Zarr directory for the array just written
+    planted = server.writable / "uploads" / "planted.h5"
+    with h5py.File(planted, "w") as f:
+        f["entry/data"] = np.arange(4)
+    attempts = [
+        ("planted", array_source(planted.as_uri(), "application/x-hdf5", shape=(4,))),
+        ("zarr", array_source(stored.as_uri(), "application/x-zarr", directory=True, shape=(6,))),
+        ("dotdot", array_source(f"file://localhost{site.data}/../../{server.writable.parent.name}"
+                                f"/files/uploads/planted.h5", "application/x-hdf5", shape=(4,))),
+    ]
+    for key, source in attempts:
+        body = {"id": key, "structure_family": "array", "metadata": {}, "specs": [],
+                "data_sources": [asdict(source)]}
+        r = server.http.post("/register/uploads", json=body)
+        assert r.status_code == 403, (key, r.text)
+        detail = r.json()["detail"]
+        assert "writable storage" in detail and f"node 'uploads/{key}'" in detail, detail
+        assert str(server.writable) not in detail, detail
+        assert key not in server.client["uploads"]
+    # scatterbroker's own registration of the writable storage: every file refused
+    report = register(server.client, server.writable / "uploads", prefix="from-storage")
+    assert report.created == [], report
+    failed = {Path(p).name: why for p, why in report.failed}
+    assert "writable storage" in failed["planted.h5"], failed
+    assert "node 'from-storage/planted'" in failed["planted.h5"], failed
+    # nor can a good node's data source be replaced by one in writable storage
+    d = make_dir(site, "replace-writable")
+    write_cbf(d / "good.cbf", FRAME)
+    register(server.client, d, prefix="replace-writable", roots=site.roots)
+    attrs = server.http.get("/metadata/replace-writable/good",
+                            params={"include_data_sources": True}).json()["data"]["attributes"]
+    (source,) = attrs["data_sources"]
+    source["assets"][0]["data_uri"] = planted.as_uri()
+    r = server.http.put("/data_source/replace-writable/good", json={"data_source": source})
+    assert r.status_code == 403 and "writable storage" in r.json()["detail"], r.text
+
+
+def test_refusals_show_no_server_path_or_pid(server, site):
+    """A 403 names the problem and the node, never a resolved server path: a link to
+    /proc/self/environ resolved to /proc/<the server's PID>/environ."""
+    d = make_dir(site, "nopaths")
+    (d / "environ.cbf").symlink_to("/proc/self/environ")
+    (d / "secret.cbf").symlink_to(site.outside / "secret.cbf")
+    write_cbf(d / "good.cbf", FRAME)
+    write_cbf(d / "swapped.cbf", FRAME)
+    register(server.client, d, prefix="nopaths", roots=site.roots)
+    assert "swapped" in server.client["nopaths"]
+    (d / "swapped.cbf").unlink()
+    (d / "swapped.cbf").symlink_to("/proc/self/environ")
+    details = []
+    for name in ("environ", "secret"):
+        body = {"id": f"direct-{name}", "structure_family": "array", "metadata": {}, "specs": [],
+                "data_sources": [asdict(array_source((d / f"{name}.cbf").as_uri()))]}
+        r = server.http.post("/register/nopaths", json=body)
+        assert r.status_code == 403, r.text
+        details.append(r.json()["detail"])
+        assert f"node 'nopaths/direct-{name}'" in details[-1]
+    r = server.http.get("/array/full/nopaths/swapped", headers=OCTET)
+    assert r.status_code == 403, r.text
+    details.append(r.json()["detail"])
+    for detail in details:
+        assert OUTSIDE in detail, detail
+        assert str(site.base) not in detail and "/proc" not in detail and "/tmp" not in detail, detail
+        assert str(os.getpid()) not in detail, detail  # the server runs in this process
+
+
+def test_hard_links_are_served_unless_the_operator_refuses_them(server, site, monkeypatch):
+    """A hard link inside a root to a file outside it is the file itself: no path
+    leads out, so confinement cannot see it and it is served. With
+    SCATTERBROKER_REFUSE_HARD_LINKS=1 every file with more than one link is refused,
+    at registration and when read."""
+    d = make_dir(site, "hardlinks")
+    target = site.outside / "linked-secret.cbf"
+    write_cbf(target, site.secret)
+    for name in ("shown", "refused"):
+        os.link(target, d / f"{name}.cbf")
+    monkeypatch.delenv("SCATTERBROKER_REFUSE_HARD_LINKS", raising=False)
+    report = register(server.client, d, prefix="hardlinks", roots=site.roots)
+    assert sorted(report.created) == ["hardlinks/refused", "hardlinks/shown"]
+    r = server.http.get("/array/full/hardlinks/shown", headers=OCTET)
+    assert r.status_code == 200  # the documented hole: the outside file is served
+    assert np.array_equal(np.frombuffer(r.content, "<i4").reshape(FRAME.shape), site.secret)
+    monkeypatch.setenv("SCATTERBROKER_REFUSE_HARD_LINKS", "1")
+    r = server.http.get("/array/full/hardlinks/refused", headers=OCTET)
+    assert r.status_code == 403, r.text
+    assert "hard links" in r.json()["detail"] and str(site.base) not in r.json()["detail"]
+    os.link(target, d / "later.cbf")
+    report = register(server.client, d, prefix="hardlinks", roots=site.roots)
+    assert "hardlinks/later" not in report.created
+    assert any("hard links" in why for _, why in report.failed), report.failed
+    # a file with one link reads as before
+    write_cbf(d / "single.cbf", FRAME)
+    register(server.client, d, prefix="hardlinks", roots=site.roots)
+    r = server.http.get("/array/full/hardlinks/single", headers=OCTET)
+    assert r.status_code == 200
+    assert np.array_equal(np.frombuffer(r.content, "<i4").reshape(FRAME.shape), FRAME)
 
 
 def test_server_refuses_replacing_a_data_source_with_an_outside_one(server, site):
