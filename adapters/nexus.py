@@ -57,6 +57,8 @@ from tiled.structures.core import Spec, StructureFamily
 from tiled.utils import IndexersMixin, path_from_uri
 
 from ..errors import BrokenLink, OutsideRoots, RequestTooLarge, ScatterbrokerError, UnreadableFile
+from .. import limits
+from . import hdf5_chunks
 from .roots import Roots, confine, file_stamp, normalize_roots, note_read
 from . import sequence as _sequence  # its MAX_READ_BYTES: one limit for every read
 from .units import put, to_canonical
@@ -508,11 +510,19 @@ class NexusField(Adapter[ArrayStructure]):
         shape = (0,) if empty else dset.shape
         if self._string is not None:
             n = self._string.length or 1
+            if self._error is None and self._string.length is None and not empty \
+                    and dset.size > limits.MAX_VLEN_STRINGS:
+                # the longest string is learnt by decoding them all: refuse before that
+                self._error = RequestTooLarge(
+                    f"{_where(loc.file, loc.path)}: {dset.size:,} variable-length strings, more "
+                    f"than the server decodes for one node ({limits.MAX_VLEN_STRINGS:,}, "
+                    "SCATTERBROKER_MAX_VLEN_STRINGS)")
             if self._error is None and not empty and (
                 self._string.length is None or dset.size <= STRING_VALUE_MAX
             ):
                 try:
-                    values = self._decode(dset, ())
+                    where = _where(loc.file, loc.path)
+                    values = _read_dataset(dset, _selection((), shape)[0], tuple(shape), True, where)
                     longest = int(np.char.str_len(values).max(initial=1))
                     n = max(n if self._string.length else 1, longest)
                     if values.ndim == 0 or values.size <= STRING_VALUE_MAX:
@@ -626,10 +636,8 @@ class NexusField(Adapter[ArrayStructure]):
             if loc != self._loc or not isinstance(dset, h5py.Dataset):
                 raise BrokenLink(f"{_where(self._loc.file, self._loc.path)} changed on disk")
             self._ctx.check_storage(loc, dset)
-            if self._string is not None:
-                arr = self._decode(dset, h5sel)
-            else:
-                arr = np.asarray(dset[h5sel] if h5sel else dset[()])
+            arr = _read_dataset(dset, h5sel, out_shape, self._string is not None,
+                                _where(loc.file, loc.path))
         except (ScatterbrokerError, IndexError):
             raise
         except Exception as err:
@@ -654,18 +662,52 @@ class NexusField(Adapter[ArrayStructure]):
         self._ctx.check_storage(loc, dset)
         return dset, keep, (str(loc.file), _files.stamp(loc.file), loc.path)
 
-    @staticmethod
-    def _decode(dset: h5py.Dataset, h5sel: tuple) -> np.ndarray:
-        """Read strings (fixed or variable length) as a numpy unicode array."""
-        text = dset.asstr(errors="replace")
-        raw = np.asarray(text[h5sel] if h5sel else text[()])
-        return raw.astype(str) if raw.dtype == object else raw
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {_where(self._loc.file, self._loc.path)}>"
 
 
 _slice = slice  # NexusField.read_block shadows the builtin with its parameter
+
+
+def _read_dataset(dset: h5py.Dataset, h5sel: tuple, out_shape: tuple[int, ...], strings: bool,
+                  where: str) -> np.ndarray:
+    """Read a normalized selection (see :func:`_selection`) with its cost bounded.
+
+    Compressed datasets are decoded by :mod:`.hdf5_chunks` (never by HDF5's
+    filter plug-ins, which trust the file); plain ones by h5py, in pieces of at
+    most ``limits.HDF5_READ_PIECE_BYTES`` along the first axis, so HDF5's
+    global lock is released between pieces and other requests' reads run.
+    """
+    hdf5_chunks.check_cost(dset, h5sel, where)
+    pipe = hdf5_chunks.pipeline(dset, where)
+    if strings:
+        if pipe is not None:
+            if h5py.check_string_dtype(dset.dtype).length is None:
+                raise hdf5_chunks.UnsupportedFilter(
+                    f"{where}: variable-length strings in a compressed dataset are not "
+                    "decoded by this server")
+            raw = hdf5_chunks.read(dset, h5sel, out_shape, dset.dtype, pipe, where)
+            return np.char.decode(raw, "utf-8", errors="replace") if raw.size else raw.astype(str)
+        text = dset.asstr(errors="replace")
+        raw = np.asarray(text[h5sel] if h5sel else text[()])
+        return raw.astype(str) if raw.dtype == object else raw
+    if pipe is not None:
+        return hdf5_chunks.read(dset, h5sel, out_shape, dset.dtype, pipe, where)
+    if not h5sel:
+        return np.asarray(dset[()])
+    first = h5sel[0]
+    nbytes = math.prod(out_shape) * dset.dtype.itemsize
+    if isinstance(first, int) or nbytes <= limits.HDF5_READ_PIECE_BYTES or len(
+            range(first.start, first.stop, first.step)) < 2:
+        return np.asarray(dset[h5sel])
+    out = np.empty(out_shape, dtype=dset.dtype)
+    picks = range(first.start, first.stop, first.step)
+    per = max(1, len(picks) * limits.HDF5_READ_PIECE_BYTES // nbytes)
+    for k in range(0, len(picks), per):
+        part = picks[k:k + per]
+        out[k:k + len(part)] = dset[(slice(part.start, part[-1] + 1, part.step),) + h5sel[1:]]
+    return out
 
 
 class NexusAdapter(ContainerAdapter, IndexersMixin):

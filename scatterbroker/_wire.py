@@ -28,7 +28,6 @@ side must not need the server's dependencies.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib.util
 import os
@@ -36,6 +35,8 @@ import re
 from typing import Any
 
 import numpy as np
+
+from . import bitshuffle
 
 MEDIA_TYPE = "application/x-scatterbroker-array"
 H_SHAPE = "x-sb-shape"
@@ -250,6 +251,8 @@ def decode_into(codec: str, body: bytes | memoryview, out: memoryview) -> None:
     if codec == "lz4":
         import lz4.block
 
+        if len(body) < 4 or int.from_bytes(bytes(body[:4]), "little") != n:
+            raise ValueError(f"lz4: the body does not declare the expected {n} bytes")
         raw = lz4.block.decompress(body)
     elif codec == "zstd":
         import zstandard
@@ -258,6 +261,9 @@ def decode_into(codec: str, body: bytes | memoryview, out: memoryview) -> None:
     elif codec == "blosc2":
         import blosc2
 
+        # check the sizes the header declares before blosc allocates and reads by them
+        if blosc2.get_cbuffer_sizes(body)[:2] != (n, len(body)):
+            raise ValueError(f"blosc2: the body does not declare {n} bytes in {len(body)}")
         raw = blosc2.decompress(body)
     else:
         raise ValueError(f"unknown codec {codec!r}")
@@ -269,46 +275,21 @@ def decode_into(codec: str, body: bytes | memoryview, out: memoryview) -> None:
 # ----------------------------------------------------------- Bitshuffle-LZ4
 
 
-@functools.lru_cache(maxsize=1)
-def _bshuf() -> Any:
-    """``bshuf_decompress_lz4`` from hdf5plugin's bundled bitshuffle (ctypes: no GIL held)."""
-    try:
-        import hdf5plugin
-
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(hdf5plugin.__file__), "plugins", "libh5bshuf.so"))
-        fn = lib.bshuf_decompress_lz4
-    except Exception:
-        return None
-    fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
-    return fn
-
-
 def bslz4_available() -> bool:
-    return _bshuf() is not None
+    return bitshuffle.available()
 
 
 def bslz4_size(chunk: bytes | memoryview) -> int:
     """Decoded byte size stored in a Bitshuffle-LZ4 HDF5 chunk's header."""
-    return int.from_bytes(bytes(chunk[:8]), "big")
+    return bitshuffle.decoded_size(chunk)
 
 
 def bslz4_decode_into(chunk: bytes | memoryview | np.ndarray, out: np.ndarray, itemsize: int) -> None:
-    """Decode one stored Bitshuffle-LZ4 HDF5 chunk into the C-contiguous ``out``.
+    """Decode one stored Bitshuffle-LZ4 HDF5 chunk into the C-contiguous ``out``,
+    reading only inside ``chunk`` (:func:`scatterbroker.bitshuffle.decode_into`).
 
-    ``out`` must hold exactly the chunk's decoded size (header bytes 0-8, big
-    endian); the block size is header bytes 8-12, in bytes.
+    ``out`` must hold exactly the chunk's decoded size; raises ``ValueError``
+    (:class:`~scatterbroker.bitshuffle.BadChunk`) on a chunk that is corrupt or
+    crafted to read past its end.
     """
-    fn = _bshuf()
-    if fn is None:
-        raise RuntimeError("Bitshuffle-LZ4 decoding needs hdf5plugin")
-    src = np.frombuffer(chunk, dtype=np.uint8) if not isinstance(chunk, np.ndarray) else chunk.view(np.uint8)
-    if src.size < 12:
-        raise ValueError("Bitshuffle-LZ4 chunk shorter than its header")
-    nbytes = int.from_bytes(src[:8].tobytes(), "big")
-    block = int.from_bytes(src[8:12].tobytes(), "big")
-    if nbytes != out.nbytes or not out.flags.c_contiguous or nbytes % itemsize or block % itemsize:
-        raise ValueError(f"Bitshuffle-LZ4 chunk holds {nbytes} bytes, the destination {out.nbytes}")
-    used = fn(src.ctypes.data + 12, out.ctypes.data, nbytes // itemsize, itemsize, block // itemsize)
-    if used < 0 or used + 12 > src.size:
-        raise ValueError(f"corrupt Bitshuffle-LZ4 chunk (error {used})")
+    bitshuffle.decode_into(chunk, out, itemsize)
