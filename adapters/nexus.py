@@ -130,7 +130,6 @@ class _OpenFiles:
 _files = _OpenFiles(OPEN_FILES)
 _verdicts: OrderedDict[tuple, ScatterbrokerError | None] = OrderedDict()
 _verdicts_lock = threading.Lock()
-_MISSING = object()
 _layouts: OrderedDict[tuple, bool] = OrderedDict()  # dataset -> has VDS/external storage
 _dapl_lock = threading.Lock()
 _dapl: Any = None
@@ -261,23 +260,24 @@ class _Context:
     def check_storage(self, loc: _Loc, dset: h5py.Dataset) -> None:
         """Confine VDS sources and external raw files of ``dset`` before any read.
 
-        The verdict is cached per (roots, location, file stamp).
+        Only "this dataset has neither" is remembered (per roots, location and
+        file stamp: it cannot change while the file is unchanged). The files a
+        dataset with virtual or external storage names are resolved and confined
+        again on every call: they can be swapped (e.g. for a symlink leaving the
+        roots) without this file changing.
         """
         key = (self.roots, loc, _files.stamp(loc.file))
         with _verdicts_lock:
-            hit = _verdicts.get(key, _MISSING)
-        if hit is _MISSING:
-            try:
-                self._check_storage(loc, dset)
-                hit = None
-            except ScatterbrokerError as err:
-                hit = err
-            with _verdicts_lock:
-                _verdicts[key] = hit
-                while len(_verdicts) > 4096:
-                    _verdicts.popitem(last=False)
-        if hit is not None:
-            raise type(hit)(str(hit))
+            if key in _verdicts:
+                return
+        dcpl = dset.id.get_create_plist()
+        if dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count() > 0:
+            self._check_storage(loc, dset)
+            return
+        with _verdicts_lock:
+            _verdicts[key] = None
+            while len(_verdicts) > 4096:
+                _verdicts.popitem(last=False)
 
     def _check_storage(self, loc: _Loc, dset: h5py.Dataset) -> None:
         dcpl = dset.id.get_create_plist()
@@ -296,6 +296,7 @@ class _Context:
             name = dcpl.get_external(i)[0].decode("utf-8", "surrogateescape")
             confine(name, self.roots, relative_to=loc.file.parent,
                     what="external raw storage file")
+            _note_link(loc.file.parent, name)
         if not virtual:
             return
         checked = set()
@@ -313,6 +314,8 @@ class _Context:
                 fname, self.roots, relative_to=loc.file.parent,
                 what="virtual dataset source",
             )
+            if fname != ".":
+                _note_link(loc.file.parent, fname)
             src_loc, src_obj, _keep = self.resolve(src, _split(dname), allow_external=False)
             if not isinstance(src_obj, h5py.Dataset):
                 raise BrokenLink(
@@ -324,6 +327,17 @@ class _Context:
                     f"virtual dataset source {_where(src, src_loc.path)} has virtual "
                     "or external storage itself; nested indirection is refused"
                 )
+
+
+def _note_link(directory: Path, name: str) -> None:
+    """Record the path HDF5 will open as written (``lstat``: a symlink's own stamp), beside
+    the real file :func:`confine` recorded, so read caches drop an answer when the link
+    is swapped even though the file it pointed at is unchanged."""
+    path = os.path.join(directory, name)
+    try:
+        note_read(path, os.lstat(path))
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------- conversions
