@@ -1,22 +1,24 @@
 """CBF frames (Pilatus/Eiger miniCBF): single files and numbered sequences.
 
 Byte-offset pixels are decoded by :mod:`scatterbroker.byte_offset` (the GIL
-released), other compressions by fabio; headers are parsed by :mod:`.minicbf`
+released, bounded by ``SCATTERBROKER_MAX_CHUNK_BYTES``), other compressions are
+refused; headers are parsed by :mod:`.minicbf`
 without decoding, which is what makes registration fast and lets a truncated or
 still-being-written frame be refused before it is read.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 
-from .. import byte_offset
-from ..errors import UnreadableFile
-from .minicbf import MAGIC, parse_header, read_header
+from .. import byte_offset, limits
+from ..errors import IncompleteFile, RequestTooLarge, UnreadableFile
+from .minicbf import _HEAD_BYTES, MAGIC, CBFHeader, parse_header, read_header
 from .single import SingleFileAdapter
 from .sequence import FrameInfo, HarvestingSequence, expand
 
@@ -24,21 +26,19 @@ from .sequence import FrameInfo, HarvestingSequence, expand
 def decode(path: Path) -> np.ndarray:
     """Decode one CBF frame to a (ny, nx) array of the stored integer type.
 
-    The file is read once; the header is checked (so a truncated frame is
-    refused before decoding) and byte-offset data is decompressed by
-    :func:`scatterbroker.byte_offset.decode`. Other CBF compressions go
-    through ``fabio.open``.
+    The header is checked first (a truncated frame is refused before
+    decoding); then only the binary section is read, and decompressed by
+    :func:`scatterbroker.byte_offset.decode`, which refuses a frame or section
+    larger than :data:`scatterbroker.limits.MAX_CHUNK_BYTES` (HTTP 413) before
+    allocating it. Other CBF compressions are refused (HTTP 422): fabio, the
+    only other decoder at hand, decodes nothing but byte-offset either, with a
+    Cython decoder that reads past the end of a crafted section.
     """
-    import fabio
-
-    raw, header = _read(path)
-    try:
-        if not header.byte_offset:
-            return fabio.open(str(path)).data
-        start = header.binary_offset
-        return byte_offset.decode(memoryview(raw)[start:start + header.binary_size], header.shape, header.dtype)
-    except Exception as err:  # fabio (other compressions) raises many types for corrupt bytes
-        raise UnreadableFile(f"{path.name}: corrupt CBF data ({err or type(err).__name__})") from None
+    header, section = _read(path)
+    if not header.byte_offset:
+        raise UnreadableFile(
+            f"{path.name}: CBF compression not served: only x-CBF_BYTE_OFFSET is decoded")
+    return byte_offset.decode(section, header.shape, header.dtype, name=path.name)
 
 
 def stored_section(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> memoryview | None:
@@ -47,16 +47,40 @@ def stored_section(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> memor
 
     What the fast route sends to clients that decode CBF themselves (codec ``cbf``).
     """
-    raw, header = _read(path)
+    header, section = _read(path)
     if not header.byte_offset or tuple(header.shape) != tuple(shape) or header.dtype != dtype:
         return None
-    return memoryview(raw)[header.binary_offset:header.binary_offset + header.binary_size]
+    return section
 
 
-def _read(path: Path):
+def _read(path: Path) -> tuple[CBFHeader, memoryview]:
+    """The header and the binary section (exactly ``X-Binary-Size`` bytes) of one CBF file.
+
+    Both come from one open file (a file replaced in between cannot mix two
+    headers and sections), and only the header's first 64 KiB and the section
+    are read: bytes after the section (a file padded to gigabytes) are not.
+    A section larger than :data:`~scatterbroker.limits.MAX_CHUNK_BYTES` is
+    refused (HTTP 413) before it is read.
+    """
     with open(path, "rb") as f:  # read-only
-        raw = f.read()
-    return raw, parse_header(raw[:65536], len(raw), path)
+        head = f.read(_HEAD_BYTES)
+        header = parse_header(head, os.fstat(f.fileno()).st_size, path)
+        if header.binary_size > limits.MAX_CHUNK_BYTES:
+            raise RequestTooLarge(
+                f"{path.name}: its CBF binary section is {header.binary_size} bytes, more than "
+                f"the server reads in one piece (SCATTERBROKER_MAX_CHUNK_BYTES = "
+                f"{limits.MAX_CHUNK_BYTES})")
+        end = header.binary_offset + header.binary_size
+        if end <= len(head):
+            return header, memoryview(head)[header.binary_offset:end]
+        buf = bytearray(header.binary_size)
+        f.seek(header.binary_offset)
+        got = f.readinto(buf)
+    if got != header.binary_size:  # shrunk since the header was parsed
+        raise IncompleteFile(
+            f"{path.name}: truncated CBF frame: its binary section ends after {got} of "
+            f"{header.binary_size} bytes")
+    return header, memoryview(buf)
 
 
 def _sniff(path: Path) -> bool:
