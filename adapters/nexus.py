@@ -386,6 +386,10 @@ def _attrs(obj: Any) -> dict[str, Any]:
     """The object's own attributes, one bad attribute never spoiling the rest."""
     out: dict[str, Any] = {}
     try:
+        count = h5py.h5o.get_info(obj.id).num_attrs
+        if count > limits.MAX_ATTRIBUTES:  # 100,000 attributes took a minute of CPU
+            return {"error": f"{count:,} attributes, more than the server reads for one object "
+                             f"({limits.MAX_ATTRIBUTES:,}, SCATTERBROKER_MAX_ATTRIBUTES): omitted"}
         names = list(obj.attrs.keys())
     except Exception as err:
         return {"error": f"attributes unreadable: {err}"}
@@ -800,6 +804,10 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
                 f"{_where(loc.file, loc.path)}: cannot list members ({err})"
             ) from None
         self._attrs = _attrs(group)
+        try:
+            self._hard_links = h5py.h5o.get_info(group.id).rc
+        except Exception:
+            self._hard_links = 2  # unknown: do not inline it
         self._children: dict[str, AnyNode] = {}
         self._summary: dict[str, Any] | None = None
         nx_class = _nx_class(self._attrs)
@@ -955,7 +963,15 @@ class NexusAdapter(ContainerAdapter, IndexersMixin):
         return self
 
     def inlined_contents_enabled(self, depth: int) -> bool:
-        return depth <= INLINED_DEPTH
+        """Inline this group's listing into its parent's answer only if that stays small.
+
+        A group reached through more than one hard link (a group linking to itself or
+        to an ancestor, or many links to one group) is never inlined: 30 links of a
+        group to itself made Tiled inline ~30^6 nodes. With that rule each object is
+        inlined at most once, so an answer grows with the file, never exponentially.
+        """
+        return (depth <= INLINED_DEPTH and self._hard_links <= 1
+                and len(self._keys) <= limits.MAX_INLINED_MEMBERS)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {_where(self._loc.file, self._loc.path)} {self._keys}>"

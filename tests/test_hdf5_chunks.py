@@ -202,3 +202,35 @@ def test_plain_reads_in_pieces_equal_one_read(tmp_path, monkeypatch) -> None:
     node = field(path)
     for sel in [np.s_[:], np.s_[1:38:3, 5], np.s_[::-1, 2:4, ::7]]:
         np.testing.assert_array_equal(node.read(sel), data[sel])
+
+
+def test_groups_linked_more_than_once_are_not_inlined(tmp_path) -> None:
+    from scatterbroker import limits as _limits
+
+    path = tmp_path / "loops.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("g")
+        for i in range(30):
+            g[f"a{i}"] = g  # 30 hard links of a group to itself
+        f.create_group("plain").create_dataset("x", data=[1, 2])
+        f.create_group("wide")
+        for i in range(_limits.MAX_INLINED_MEMBERS + 1):
+            f["wide"].create_group(f"m{i}")
+    root = NexusAdapter.from_uris(path.as_uri())
+    assert not root["g"].inlined_contents_enabled(1)
+    assert not root["g"]["a3"].inlined_contents_enabled(2)
+    assert not root["wide"].inlined_contents_enabled(1)
+    assert root["plain"].inlined_contents_enabled(1)
+    assert len(root["g"]["a0"]["a1"]) == 30  # still listed and walked on request
+
+
+def test_an_object_with_too_many_attributes_is_served_without_them(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "attrs.h5"
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("data", data=[1, 2, 3])
+        for i in range(50):
+            d.attrs[f"a{i}"] = i
+    monkeypatch.setattr(limits, "MAX_ATTRIBUTES", 20)
+    node = field(path)
+    assert "SCATTERBROKER_MAX_ATTRIBUTES" in node.metadata()["error"]
+    assert node.read().tolist() == [1, 2, 3]
