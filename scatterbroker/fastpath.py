@@ -71,7 +71,7 @@ from tiled.server.settings import Settings, get_settings
 from tiled.server.utils import record_timing
 from tiled.structures.core import StructureFamily
 
-from . import _wire, entry_cache, frame_cache
+from . import _wire, entry_cache, frame_cache, limits
 from .adapters.roots import file_stamp
 from .entry_cache import who
 from .errors import UnreadableFile
@@ -272,8 +272,9 @@ def _build_layout(dset: Any, handle: Any) -> _Layout | None:
     if not filters:
         codec = None
     elif (len(filters) == 1 and filters[0][0] == _BITSHUFFLE and len(filters[0][1]) >= 5
-          and filters[0][1][4] == 2 and _wire.bslz4_available()):
-        codec = "bslz4"
+          and filters[0][1][4] == 2 and _wire.bslz4_available()
+          and math.prod(chunks) * dtype.itemsize <= limits.MAX_CHUNK_BYTES):
+        codec = "bslz4"  # (a larger chunk: the adapter refuses it with 413)
     else:
         return None
     n = -(-shape[0] // chunks[0]) if shape[0] else 0

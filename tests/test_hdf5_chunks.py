@@ -234,3 +234,25 @@ def test_an_object_with_too_many_attributes_is_served_without_them(tmp_path, mon
     node = field(path)
     assert "SCATTERBROKER_MAX_ATTRIBUTES" in node.metadata()["error"]
     assert node.read().tolist() == [1, 2, 3]
+
+
+def test_fast_route_leaves_oversized_bitshuffle_chunks_to_the_adapter(tmp_path, monkeypatch) -> None:
+    """The fast route decodes Bitshuffle-LZ4 chunks itself; a chunk over the limit must
+    reach the adapter's 413, not be decoded there."""
+    import httpx
+    from tiled.client import from_uri
+
+    from conftest import API_KEY, start_server
+    from scatterbroker.catalog.register import register
+
+    root = tmp_path / "data"
+    root.mkdir()
+    _bslz4_file(root / "big.h5", np.zeros((64, 64), dtype="<u4"))  # one 16 KiB chunk
+    monkeypatch.setattr(limits, "MAX_CHUNK_BYTES", 2**12)
+    with start_server(tmp_path / "catalog", [root]) as url:
+        register(from_uri(url, api_key=API_KEY), root, prefix="d")
+        with httpx.Client(base_url=url, headers={"Authorization": f"Apikey {API_KEY}"}) as http:
+            for path in ["/api/v1/sb/frames/d/big/data", "/api/v1/array/full/d/big/data"]:
+                r = http.get(path, params={"slice": "0,0:2,0:2"})
+                assert r.status_code == 413, (path, r.status_code, r.text[:300])
+                assert "SCATTERBROKER_MAX_CHUNK_BYTES" in r.text
