@@ -50,3 +50,18 @@ def test_refuse_hard_links_default_is_off():
     assert documented_default("SCATTERBROKER_REFUSE_HARD_LINKS").startswith("off")
     assert code_value("m.refuse_hard_links()", "scatterbroker.adapters.roots",
                       "SCATTERBROKER_REFUSE_HARD_LINKS") == "False"
+
+
+def test_limits_defaults_are_the_codes():
+    """The row of scatterbroker/limits.py's bounds: each default, in the row's order."""
+    names = ["MAX_CHUNK_BYTES", "MAX_CHUNKS_PER_READ", "HDF5_READ_PIECE_BYTES", "MAX_VLEN_STRINGS",
+             "MAX_ATTRIBUTES", "MAX_INLINED_MEMBERS"]
+    guide = (DOCS / "operator-guide.md").read_text()
+    (row,) = [line for line in guide.splitlines() if line.startswith("| `SCATTERBROKER_MAX_CHUNK_BYTES`")]
+    cell = [c.strip() for c in row.strip().strip("|").split("|")][-1]
+    documented = [int(re.match(r"\d+", part.strip()).group()) for part in cell.split(",")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCATTERBROKER_")}
+    done = subprocess.run([sys.executable, "-c", "import scatterbroker.limits as m; print(["
+                           + ", ".join(f"m.{n}" for n in names) + "])"],
+                          capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert documented == eval(done.stdout), (cell, done.stdout)
