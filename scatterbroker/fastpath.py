@@ -71,7 +71,7 @@ from tiled.server.settings import Settings, get_settings
 from tiled.server.utils import record_timing
 from tiled.structures.core import StructureFamily
 
-from . import _wire, entry_cache, frame_cache, limits
+from . import _wire, bitshuffle, entry_cache, frame_cache, limits
 from .adapters.roots import file_stamp
 from .entry_cache import who
 from .errors import UnreadableFile
@@ -720,6 +720,8 @@ async def _frames(request: Request, path: str, slice: str, codec: str, metrics: 
             payload = await anyio.to_thread.run_sync(read_payload, entry, key, wanted)
     except IndexError as err:
         raise HTTPException(HTTP_400_BAD_REQUEST, str(err) or "index out of range") from None
+    except bitshuffle.BadChunk as err:  # a stored chunk crafted or corrupt: nothing was sent
+        raise UnreadableFile(f"{path}: {err}") from None
     return Response(payload.body, media_type=_wire.MEDIA_TYPE, headers=payload.headers())
 
 
