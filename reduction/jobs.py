@@ -5,6 +5,12 @@ in the catalog at ``/jobs/<id>`` (metadata only), so it survives a server
 restart; a running job refreshes a heartbeat, and one whose heartbeat has
 stopped (the process died) is reported -- and recorded -- as failed.
 
+Records are the server's (``scatterbroker.job_records``): they are created,
+changed and read through the jobs API (``POST``/``PATCH``/``GET
+/api/v1/jobs``), which checks what it records; Tiled's generic write routes
+refuse ``/jobs``. A job run by a client (:func:`submit` then :func:`run`)
+goes through the same API.
+
 By default a job runs in the process that runs it (the server, for
 ``POST /api/v1/jobs``): the transform streams the input's frames in blocks
 through the fast route (stored Bitshuffle-LZ4 chunks decoded in the client's
@@ -142,14 +148,25 @@ def node_path(uri: str) -> list[str]:
     return [unquote(p) for p in path.split(marker, 1)[1].split("/") if p]
 
 
-def open_input(uri: str, api_key: str | None) -> Any:
-    """The Tiled client for an input URI; a scan container means its ``frames``."""
+def _brief(err: BaseException) -> str:
+    """An error in a few words, never the body of a server's answer: what another
+    server answered must not come back through a job's error."""
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    return f"{type(err).__name__}" + (f", HTTP {status}" if status else "")
+
+
+def open_input(uri: str, api_key: str | None, foreign: bool = False) -> Any:
+    """The Tiled client for an input URI; a scan container means its ``frames``.
+
+    ``foreign``: the URI is on another server (an allowed peer): a failure is
+    reported without its answer (:func:`_brief`)."""
     from tiled.client import from_uri
 
     try:
         node = from_uri(uri, api_key=api_key)
     except Exception as err:
-        raise JobError(f"input {uri}: cannot be opened ({err})") from None
+        raise JobError(f"input {uri}: cannot be opened ({_brief(err) if foreign else err})") from None
     if getattr(node, "structure_family", None) == "container" and "frames" in node:
         node = node["frames"]
     return node
@@ -245,7 +262,7 @@ def product_ub(uri: str, api_key: str | None, input_uri: str) -> tuple[dict, str
         complete = node.metadata.get("complete")
         matrix = np.asarray(node["ub"].read(), dtype=float) if complete else None
     except Exception as err:
-        raise JobError(f"'ub' {uri}: not a readable orient product ({type(err).__name__}: {err})") from None
+        raise JobError(f"'ub' {uri}: not a readable orient product ({_brief(err)})") from None
     if matrix is None or matrix.shape != (3, 3):
         raise JobError(f"'ub' {uri}: not a complete orient product with a 3x3 'ub' array")
     return {"matrix": matrix.tolist()}, uri
@@ -351,57 +368,79 @@ def _container(client: Any, parts: Iterable[str]) -> Any:
     return node
 
 
+def _jobs_api(node: Any) -> str:
+    """``<server>/api/v1/jobs`` of the server a Tiled client node is on."""
+    return str(node.context.api_uri).rstrip("/") + "/jobs"
+
+
+def _answer(response: Any) -> Any:
+    """The JSON of a jobs-API answer; a refusal raises :class:`JobError` (4xx) with the
+    server's message, anything else the client's own error."""
+    if 400 <= response.status_code < 500:
+        try:
+            detail = response.json().get("detail")
+        except Exception:
+            detail = None
+        error = JobError(str(detail or f"HTTP {response.status_code}"))
+        error.status_code = response.status_code
+        raise error
+    response.raise_for_status()
+    return response.json()
+
+
 def submit(client: Any, operation: str, inputs: list[str], parameters: dict,
            output: str | None = None, starting: bool = False) -> Any:
-    """Create the job record (state ``queued``) and return its node.
+    """File a job record (state ``queued``) with the server and return its node, for
+    this client to :func:`run`.
 
-    ``starting``: the caller starts the job at once (the server's jobs endpoint),
-    so the record gets a heartbeat now; if the process dies before the job is
-    ``running``, :func:`status` then reports it failed instead of queued forever.
-    A job queued to be run later (``starting=False``) has no heartbeat yet.
+    The server checks the operation, that the submitter can read each input, and
+    where the product may go, and writes the record itself
+    (``POST /api/v1/jobs`` with ``run: false``). ``starting``: the caller starts
+    the job at once, so the record gets a heartbeat now; if the process dies
+    before the job is ``running``, :func:`status` then reports it failed instead
+    of queued forever. A job queued to be run later has no heartbeat yet.
     """
+    body = {"operation": operation, "inputs": list(inputs), "parameters": parameters,
+            "output": output, "run": False, "starting": bool(starting)}
+    answer = _answer(client.context.http_client.post(_jobs_api(client), json=body))
+    return client[f"{JOBS}/{answer['id']}"]
+
+
+def new_record(job_id: str, operation: str, inputs: list[str], parameters: dict, output: str | None,
+               starting: bool, proposal: str | None, owner_proposals: list[str] | None) -> dict[str, Any]:
+    """A queued job's record, as the server files it."""
     if operation not in OPERATIONS:
         raise JobError(f"unknown operation {operation!r}; available: {', '.join(sorted(OPERATIONS))}")
-    if not inputs:
-        raise JobError("a job needs at least one input node URI")
-    for uri in inputs:
-        # the submitter must see each input: no records filed against others' data
-        path = "/".join(node_path(uri))
-        try:
-            client[path]
-        except KeyError:
-            raise JobError(f"input {uri} does not exist (or this key may not read it)") from None
-    from ..access import proposal_of
-
-    job_id = uuid.uuid4().hex[:12]
-    return _container(client, [JOBS]).create_container(
-        key=job_id,
-        metadata={"job": {
-            "id": job_id, "operation": operation, "inputs": list(inputs), "parameters": parameters,
-            "output": output, "state": "queued", "submitted": _now(), "software": _versions(),
-            "heartbeat": _now() if starting else None,
-            # who may see the record under per-proposal keys (scatterbroker.access)
-            "proposal": proposal_of(node_path(inputs[0])),
-        }},
-        specs=["job"],
-    )
+    return {
+        "id": job_id, "operation": operation, "inputs": list(inputs), "parameters": parameters,
+        "output": output, "state": "queued", "submitted": _now(), "software": _versions(),
+        "heartbeat": _now() if starting else None,
+        # who may see the record under per-proposal keys (scatterbroker.access)
+        "proposal": proposal,
+        # whose rights clean-up acts with (scatterbroker.job_records.remove_partial)
+        "owner": {"proposals": owner_proposals},
+    }
 
 
-_record_locks: dict[str, threading.Lock] = {}
-_record_locks_guard = threading.Lock()
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def _update(job: Any, **changes: Any) -> None:
-    """Patch the given fields of the job record, and only those.
+    """Patch the given fields of the job record, and only those (``PATCH
+    /api/v1/jobs/<id>``: the server checks them and writes the record).
 
     The job's heartbeat thread and the job itself update the same record:
-    each sends only its own fields, one request at a time per job (the server
-    applies a patch as read-modify-write, so two at once could lose one).
+    each sends only its own fields, one request at a time per job.
     """
     with _record_locks_guard:
         lock = _record_locks.setdefault(job.item["id"], threading.Lock())
     with lock:
-        job.update_metadata(metadata={"job": changes}, drop_revision=True)
+        _answer(job.context.http_client.patch(f"{_jobs_api(job)}/{job.item['id']}", json=changes))
+
+
+_record_locks: dict[str, threading.Lock] = {}
+_record_locks_guard = threading.Lock()
 
 
 def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequence[str] = (),
@@ -417,6 +456,7 @@ def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequ
     record = job.metadata["job"]
     _update(job, state="running", started=_now(), heartbeat=_now())
     stop = threading.Event()
+    partial: list[str] = []  # the product path, once recorded (see _write_product)
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
@@ -431,17 +471,18 @@ def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequ
         inputs = [(opener or open_input)(uri, api_key) for uri in uris]
         product = OPERATIONS[record["operation"]](inputs, uris, record["parameters"], api_key,
                                                   executor or default_executor())
-        product_node = _write_product(client, record, product, job=job, storage=storage)
+        product_node = _write_product(client, record, product, job=job, storage=storage, recorded=partial)
         uri = global_uri(product_node)
         stop.set()
         _update(job, state="done", finished=_now(), product=uri, heartbeat=None, partial_product=None)
         return uri
     except BaseException as err:
         stop.set()
-        # Whatever this job left under /reduced goes; if it cannot (the server is
-        # gone), the record keeps its path and status() removes it later.
-        partial = job.metadata["job"].get("partial_product")
-        left = None if _remove_partial(client, partial, record["id"]) else partial
+        # Whatever this job left under /reduced goes (with the runner's own key); if it
+        # cannot (the server is gone), the record keeps its path and the server removes
+        # it later, within the owner's proposals (scatterbroker.job_records).
+        path = partial[0] if partial else None
+        left = None if _remove_partial(client, path, record["id"]) else path
         _update(job, state="failed", finished=_now(), error=f"{type(err).__name__}: {err}", heartbeat=None,
                 partial_product=left)
         raise
@@ -459,7 +500,7 @@ def _product_path(client: Any, record: dict) -> list[str]:
 
 
 def _write_product(client: Any, record: dict, product: Product, job: Any = None,
-                   storage: Sequence[str] = ()) -> Any:
+                   storage: Sequence[str] = (), recorded: list | None = None) -> Any:
     """Write ``product`` as a container marked ``complete`` only once every array is in.
 
     The container's path goes on the job record (``partial_product``) *before*
@@ -473,7 +514,9 @@ def _write_product(client: Any, record: dict, product: Product, job: Any = None,
         name = f"{name}-{record['id'][:8]}"
     path = "/".join([*parents, name])
     if job is not None:
-        _update(job, partial_product=path)
+        _update(job, partial_product=path)  # the server refuses a path outside reduced/<owner's>
+        if recorded is not None:
+            recorded.append(path)
     node = parent.create_container(
         key=name,
         metadata={**product.metadata, "complete": False, "provenance": {
@@ -543,16 +586,19 @@ def _storage_report(storage: Sequence[str], needed: int) -> str:
 
 
 def _remove_partial(client: Any, path: str | None, job_id: str) -> bool:
-    """Delete the product at ``path`` if job ``job_id`` left it incomplete.
+    """Delete the product at ``path`` if job ``job_id`` left it incomplete (the
+    runner's own key: the job owner's rights).
 
     True when nothing of the job's is left half-written (nothing there, a
     complete product, another job's node, or deleted now); False if it could
     not be deleted (the server is unreachable, or the caller may not write).
+    Only a node under ``reduced/`` whose provenance names this job is ever deleted.
     """
-    if not path:
+    parts = [p for p in (path or "").split("/") if p]
+    if not parts or parts[0] != REDUCED or len(parts) < 3 or not job_id:
         return True
     try:
-        node = client[path]
+        node = client["/".join(parts)]
         metadata = node.metadata
         if metadata.get("complete") or (metadata.get("provenance") or {}).get("job") != job_id:
             return True
@@ -564,55 +610,29 @@ def _remove_partial(client: Any, path: str | None, job_id: str) -> bool:
         return False
 
 
+def stale_changes(record: dict[str, Any]) -> dict[str, Any]:
+    """What the server records about a job whose process stopped: a ``running`` job
+    whose heartbeat stopped is failed, and so is a ``queued`` one the server was
+    starting (it has a heartbeat) that never started; ``{}`` otherwise."""
+    if record.get("state") == "running" and _age(record.get("heartbeat")) > STALE_SECONDS:
+        return {"state": "failed", "finished": _now(), "heartbeat": None,
+                "error": "interrupted: the process running it stopped (server restart or crash)"}
+    if record.get("state") == "queued" and record.get("heartbeat") and _age(record["heartbeat"]) > STALE_SECONDS:
+        return {"state": "failed", "finished": _now(), "heartbeat": None,
+                "error": "interrupted before it started: the server stopped (restart or crash)"}
+    return {}
+
+
 def status(job: Any) -> dict[str, Any]:
-    """The job's record; a ``running`` job whose heartbeat stopped is marked failed,
-    and so is a ``queued`` one the server was starting (it has a heartbeat) that
-    never started.
+    """The job's record as the server reports it (``GET /api/v1/jobs/<id>``).
 
-    Its half-written product, if the record names one (``partial_product``), is
-    deleted then; if the product was complete (the process died between
-    finishing it and recording that), the job is recorded ``done`` instead.
-    Changes are recorded when the caller may write, and shown either way.
+    There a job found interrupted (:func:`stale_changes`) is recorded failed, and
+    its half-written product, if the record names one, deleted -- or, if it was
+    complete, the job recorded ``done`` (``scatterbroker.jobs_api``).
     """
-    record = dict(job.metadata["job"])
-    changes: dict[str, Any] = {}
-    if record["state"] == "running" and _age(record.get("heartbeat")) > STALE_SECONDS:
-        changes = {"state": "failed", "finished": _now(), "heartbeat": None,
-                   "error": "interrupted: the process running it stopped (server restart or crash)"}
-    elif record["state"] == "queued" and record.get("heartbeat") and _age(record["heartbeat"]) > STALE_SECONDS:
-        changes = {"state": "failed", "finished": _now(), "heartbeat": None,
-                   "error": "interrupted before it started: the server stopped (restart or crash)"}
-    partial = record.get("partial_product")
-    if partial and (changes or record["state"] == "failed"):
-        from tiled.client import from_context
-
-        root = product = None
-        try:
-            root = from_context(job.context)
-            product = root[partial]
-            finished = product.metadata.get("complete") and \
-                (product.metadata.get("provenance") or {}).get("job") == record["id"]
-        except KeyError:
-            finished = False
-        except Exception:  # server unreachable: try again next time
-            root, finished = None, False
-        if finished and changes:
-            changes = {"state": "done", "finished": product.metadata.get("finished") or _now(),
-                       "heartbeat": None, "product": global_uri(product), "partial_product": None}
-        elif root is not None and _remove_partial(root, partial, record["id"]):
-            changes["partial_product"] = None
-            if changes.get("error"):
-                changes["error"] += f"; its incomplete product {partial} was removed"
-    if changes:
-        record.update(changes)
-        try:
-            _update(job, **changes)
-        except Exception:
-            pass
-    return record
+    return _answer(job.context.http_client.get(f"{_jobs_api(job)}/{job.item['id']}"))
 
 
 def list_jobs(client: Any) -> list[dict[str, Any]]:
-    if JOBS not in client:
-        return []
-    return [status(job) for _, job in client[JOBS].items()]
+    """Every job record the client's key may see, as :func:`status` reports them."""
+    return _answer(client.context.http_client.get(_jobs_api(client)))

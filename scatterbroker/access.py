@@ -46,12 +46,13 @@ from tiled.queries import In
 PROPOSAL_TREES = ("raw", "scans", "reduced", "wrappers")
 #: top-level container of job records (each with metadata ``job.proposal``)
 JOBS_TREE = "jobs"
-#: metadata key of a job record naming its proposal (set by reduction.jobs.submit)
+#: metadata key of a job record naming its proposal (set by the jobs API, scatterbroker.jobs_api)
 JOB_PROPOSAL_KEY = "job.proposal"
 #: what a restricted key may do on the containers above its proposals
 READ_SCOPES = frozenset(PUBLIC_SCOPES)
-#: ... and on /jobs, where it files the records of the jobs it submits
-JOBS_SCOPES = READ_SCOPES | {"create:node", "write:metadata"}
+#: ... and on /jobs: job records are written by the server's jobs API only
+#: (scatterbroker.job_records), never by a key through the generic write routes
+JOBS_SCOPES = READ_SCOPES
 ROOT_ID = 0  # Tiled's catalog root row
 
 

@@ -9,8 +9,15 @@ through the same Tiled ``get_entry`` (access policy at every path segment)
 and readable-root checks as the fast data route (``scatterbroker.fastpath``),
 and the job reads its frames straight from that adapter, decoded in the
 server's I/O threads. Nothing is looked up for an input the submitter cannot
-read, and an input on another server (another host or port in its URI) is
-read over HTTP as before.
+read.
+
+Which servers a job may read from (:func:`normalize`): this one -- an input
+URI naming this server's socket address, or the host the request was sent to,
+is resolved **by its node path** and rewritten to the socket address, so the
+``Host:`` header never makes the server fetch anything -- and the peer servers
+the operator lists in ``SCATTERBROKER_PEER_SERVERS`` (comma-separated base
+URLs, read at import; empty by default), which are read over HTTP with the
+submitter's key. Any other input is refused (422) before anything is fetched.
 
 For a served Bitshuffle-LZ4 scan this removes the sending and receiving of
 every compressed frame (about half of a transform job's CPU time,
@@ -29,15 +36,76 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import numpy as np
 
 from . import _wire
 
 log = logging.getLogger(__name__)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a URL, lower-cased, the default port filled in."""
+    parsed = urlparse(url.strip())
+    scheme = parsed.scheme.lower()
+    return scheme, (parsed.hostname or "").lower(), parsed.port or _DEFAULT_PORTS.get(scheme, 0)
+
+
+def _peers(value: str) -> tuple[str, ...]:
+    """Base URLs from ``SCATTERBROKER_PEER_SERVERS`` (comma-separated), without a trailing ``/``."""
+    peers = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        if origin(item)[0] not in _DEFAULT_PORTS or not origin(item)[1]:
+            raise ValueError(f"SCATTERBROKER_PEER_SERVERS: {item!r} is not an http(s) base URL")
+        peers.append(item.rstrip("/"))
+    return tuple(peers)
+
+
+#: servers besides this one a job may read its inputs from (operator's allow-list)
+PEER_SERVERS: tuple[str, ...] = _peers(os.environ.get("SCATTERBROKER_PEER_SERVERS", ""))
+
+
+def self_base(request: Any) -> str:
+    """This server's own base URL, from the socket the request arrived on (never from
+    its ``Host:`` header, which the caller chooses)."""
+    from fastapi import HTTPException
+
+    server = request.scope.get("server")
+    if not server:
+        raise HTTPException(500, "jobs need the server to listen on a TCP socket (it cannot call itself)")
+    host, port = server[0], server[1]
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if request.scope.get("scheme") == "https" else "http"
+    return f"{scheme}://{host}:{port}{request.scope.get('root_path', '')}".rstrip("/")
+
+
+def normalize(uri: Any, request: Any, base: str, what: str = "input") -> str:
+    """The URI a job may read ``uri`` at: this server's socket address for a node of
+    this server (by path), ``uri`` itself on an allowed peer; else ``JobError`` (422).
+
+    This server is its socket address, or the host the request named (the node is
+    then resolved here by its path: nothing is fetched from that host)."""
+    from .reduction.jobs import JobError, node_path
+
+    if not isinstance(uri, str):
+        raise JobError(f"{what} {uri!r} is not a node URI (…/api/v1/metadata/<path>)")
+    parts = node_path(uri)
+    here = {origin(base), origin(str(request.base_url))}
+    if origin(uri) in here:
+        return f"{base}/api/v1/metadata/" + "/".join(quote(p, safe="") for p in parts)
+    for peer in PEER_SERVERS:
+        if origin(uri) == origin(peer) and urlparse(uri).path.startswith(urlparse(peer).path + "/api/v1/metadata/"):
+            return uri
+    raise JobError(f"{what} {uri}: not on this server, nor on a peer server the operator allows "
+                   "(SCATTERBROKER_PEER_SERVERS); nothing was fetched")
 
 
 @dataclass
@@ -60,7 +128,7 @@ async def resolve(request: Any, uris: list[str]) -> dict[str, Found]:
     from .fastpath import _authorize, _lookup
     from .reduction.jobs import node_path
 
-    here = urlparse(str(request.base_url))[:2]
+    here = origin(self_base(request))
     metrics: dict = collections.defaultdict(lambda: collections.defaultdict(float))  # Tiled's timings, unused
     try:
         auth = await _authorize(request, ["read:data"])
@@ -69,7 +137,7 @@ async def resolve(request: Any, uris: list[str]) -> dict[str, Found]:
     found: dict[str, Found] = {}
     for uri in uris:
         try:
-            if urlparse(uri)[:2] != here:
+            if origin(uri) != here:  # a peer's (inputs were normalized: see normalize)
                 continue
             path = "/".join(node_path(uri))
         except Exception:
@@ -165,13 +233,16 @@ class ServerFrames:
         return out[post] if any(p != slice(None) for p in post) else out
 
 
-def opener(found: dict[str, Found]):
+def opener(found: dict[str, Found], base: str | None = None):
     """An ``open_input`` for :func:`scatterbroker.reduction.jobs.run` that wraps the
-    inputs found by :func:`resolve` (when the client node agrees on shape and dtype)."""
+    inputs found by :func:`resolve` (when the client node agrees on shape and dtype).
+
+    ``base``: this server's own URL (:func:`self_base`); an input elsewhere (a
+    peer's) that fails to open is reported without the peer's answer."""
     from .reduction.jobs import open_input
 
     def open_(uri: str, api_key: str | None) -> Any:
-        node = open_input(uri, api_key)
+        node = open_input(uri, api_key, foreign=base is None or origin(uri) != origin(base))
         hit = found.get(uri)
         if hit is None:
             return node

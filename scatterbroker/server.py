@@ -80,6 +80,11 @@ def catalog(
     from .jobs_api import router as jobs_router
 
     tree.include_routers = [*getattr(tree, "include_routers", []), router, jobs_router]
+    # Job records are written by the jobs API only, never through the generic
+    # write routes (scatterbroker/job_records.py).
+    from .job_records import install as job_records_only_by_the_server
+
+    job_records_only_by_the_server(tree)
     # Refuse bad node keys, and assets outside the roots, when they are registered
     # (stock Tiled stores them and fails only on read): see catalog/guard.py.
     return guard(tree, roots)
@@ -266,6 +271,7 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     if entry_cache is None:
         entry_cache = enabled_by_default(one_process=True, variable="SCATTERBROKER_ENTRY_CACHE")
     log = WriteLog()
+    app.state.write_log = log  # the jobs API marks the record writes it makes in-process
     if response_cache:
         app.add_middleware(ResponseCache, log=log)
     if entry_cache:
