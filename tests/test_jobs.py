@@ -113,7 +113,8 @@ def test_transform_job_over_http_opens_from_another_process(scan):
 def test_http_job_reads_this_servers_frames_without_http(scan, monkeypatch):
     """A job POSTed to the server reads the frames of an input the server holds
     straight from its adapter (found with the submitter's key); an input named by
-    another host is read over HTTP. Both give the sum numpy gives."""
+    another host is refused, unless it is an allowed peer: then it is read over HTTP.
+    Both give the sum numpy gives."""
     from scatterbroker import job_inputs
 
     client, uri, frames, url = scan
@@ -134,6 +135,11 @@ def test_http_job_reads_this_servers_frames_without_http(scan, monkeypatch):
 
     reads.clear()
     elsewhere = uri.replace("127.0.0.1", "localhost")  # the same data, but not this server's URI
+    r = httpx.post(f"{url}/api/v1/jobs", json={**body, "inputs": [elsewhere]},
+                   headers={"Authorization": f"Apikey {API_KEY}"})
+    assert r.status_code == 422 and "SCATTERBROKER_PEER_SERVERS" in r.json()["detail"], r.text
+    # ... unless the operator lists it as a peer server: then it is read there, over HTTP
+    monkeypatch.setattr(job_inputs, "PEER_SERVERS", (url.replace("127.0.0.1", "localhost"),))
     record = _http_job(url, {**body, "inputs": [elsewhere], "output": "reduced/s1/over-http"})
     assert record["state"] == "done", record
     assert reads == []
