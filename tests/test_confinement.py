@@ -282,7 +282,8 @@ def test_hard_links_are_served_unless_the_operator_refuses_them(server, site, mo
     SCATTERBROKER_REFUSE_HARD_LINKS=1 every file with more than one link is refused,
     at registration and when read."""
     d = make_dir(site, "hardlinks")
-    target = site.outside / "linked-secret.cbf"
+    target = site.base / "outside-linked" / "secret.cbf"  # not in outside/: other tests list it
+    target.parent.mkdir()
     write_cbf(target, site.secret)
     for name in ("shown", "refused"):
         os.link(target, d / f"{name}.cbf")
