@@ -131,8 +131,22 @@ def check_data_sources(data_sources: Any, roots: Roots, writable: Roots = (), no
     All managements are checked, not only ``external``: Tiled keeps the assets a
     client sends with a writable data source and adds its own after them."""
     for data_source in data_sources or []:
-        for asset in getattr(data_source, "assets", None) or []:
+        assets = getattr(data_source, "assets", None) or []
+        if assets and _management(data_source) != "external":
+            # Tiled deletes the files of a non-external data source with its node
+            # (or DELETE /asset ... external_only=false): a client naming files must
+            # not make them the server's to delete.
+            raise RefusedAsset(
+                f"node {node or '/'!r}: a data source that names files must be managed "
+                "'external'; the server deletes the files of other data sources with them")
+        for asset in assets:
             check_asset(asset.data_uri, roots, writable, node)
+
+
+def _management(data_source: Any) -> str:
+    """A data source's ``management`` as text (an enum on Tiled's models and its ORM rows)."""
+    value = getattr(data_source, "management", None) or "external"
+    return str(getattr(value, "value", value))
 
 
 def _has_assets(data_sources: Any) -> bool:
@@ -254,9 +268,15 @@ def _install() -> None:
     @functools.wraps(put_data_source)
     async def guarded_put_data_source(self, data_source, *args, **kwargs):
         roots = getattr(self.context, _ATTRIBUTE, None)
-        if roots is not None and _has_assets([data_source]):
+        if roots is not None:
             node = "/".join(await self.path_segments())
-            check_data_sources([data_source], roots, getattr(self.context, _WRITABLE, ()), node)
+            before = {ds.id: _management(ds) for ds in getattr(self.node, "data_sources", None) or []}
+            if data_source.id in before and before[data_source.id] != _management(data_source):
+                # external -> writable would make Tiled delete registered (raw) files
+                raise RefusedAsset(f"node {node or '/'!r}: a data source's management cannot "
+                                   f"be changed (it is {before[data_source.id]!r})")
+            if _has_assets([data_source]):
+                check_data_sources([data_source], roots, getattr(self.context, _WRITABLE, ()), node)
         return await put_data_source(self, data_source, *args, **kwargs)
 
     replace_metadata = CatalogNodeAdapter.replace_metadata

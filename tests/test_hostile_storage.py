@@ -72,3 +72,38 @@ def test_storage_swapped_after_the_first_read_is_refused(tmp_path, name: str, st
                 assert str(outside) not in r.text  # node paths only, no server paths
             # the rest of the catalog keeps working
             assert http.get("/api/v1/metadata/data").status_code == 200
+
+
+def test_registered_files_cannot_be_made_the_servers_to_delete(tmp_path) -> None:
+    """A write key must not turn a registered (raw) file into writable storage: Tiled deletes
+    the files of non-external data sources with their node or asset."""
+    from scatterbroker.catalog.register import register
+    from tiled.client import from_uri
+
+    root = tmp_path / "root"
+    root.mkdir()
+    raw = root / "raw.h5"
+    with h5py.File(raw, "w") as f:
+        f.create_dataset("data", data=np.arange(10))
+    before = raw.read_bytes()
+    with start_server(tmp_path / "catalog", [root]) as url:
+        register(from_uri(url, api_key=API_KEY), root, prefix="data")
+        with httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Apikey {API_KEY}"}) as http:
+            md = http.get("/metadata/data/raw", params={"include_data_sources": True}).json()
+            (source,) = md["data"]["attributes"]["data_sources"]
+            assert source["management"] == "external"
+            source["management"] = "writable"
+            r = http.put("/data_source/data/raw", json={"data_source": source})
+            assert r.status_code == 403, r.text
+            assert "management cannot be changed" in r.text
+            # a new node naming the raw file as writable storage is refused too
+            new = {"structure_family": "container", "metadata": {}, "specs": [],
+                   "data_sources": [dict(source, id=None)]}
+            r = http.post("/register/data", json={**new, "id": "copy"})
+            assert r.status_code == 403, r.text
+            assert "must be managed 'external'" in r.text
+            # what a client may still do leaves the file alone
+            for asset in source["assets"]:
+                http.delete(f"/asset/data/raw", params={"id": asset["id"], "external_only": False})
+            http.delete("/metadata/data/raw")
+    assert raw.read_bytes() == before
