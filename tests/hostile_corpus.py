@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Read", "Case", "build", "GENERATORS", "slice_text", "bitshuffle", "good_file",
+__all__ = ["Read", "Case", "build", "plant", "GENERATORS", "slice_text", "bitshuffle", "good_file",
            "marker_file", "external_storage", "virtual_dataset"]
 
 GiB = 2**30
@@ -432,6 +432,12 @@ def _frames_file(path: Path, frames: np.ndarray) -> None:
         d[...] = frames
         f.create_dataset("raw", data=frames.astype("<u2"))
         f.create_dataset("gz", data=frames, chunks=(1, *frames.shape[1:]), compression="gzip")
+        # small chunks: decoding them leaves many small freed buffers (the size of a
+        # crafted chunk's) holding the frames' bytes
+        rows = frames.reshape(-1, 64)[:512]
+        f.create_dataset("small", data=rows, chunks=(1, 64), compression="gzip", compression_opts=1)
+        d = _bslz4_dataset(f, "small_bslz4", (rows.shape[0], 8, 8))
+        d[...] = rows.reshape(-1, 8, 8)
 
 
 def good_file(directory: Path) -> Case:
@@ -489,3 +495,20 @@ def build(directory: Path, outside: Path, secret: bytes = b"SECRET-outside-the-r
     cases["ext_storage"] = external_storage(directory, outside, secret)
     cases["vds"] = virtual_dataset(directory, outside, secret)
     return cases
+
+
+def plant(client: Any, path: Path, parent: str = "planted") -> None:
+    """Register one HDF5 file as the node ``<parent>/<stem>`` the way a write key can
+    without the registration walk (whose client-side summary the planted cases stall):
+    ``client.new`` with the external data source ``register`` would build."""
+    from tiled.structures.core import StructureFamily
+    from tiled.structures.data_source import Asset, DataSource, Management
+
+    node = client[parent] if parent in client else client.create_container(parent)
+    node.new(
+        structure_family=StructureFamily.container, key=path.stem, specs=[], metadata={},
+        data_sources=[DataSource(
+            management=Management.external, mimetype="application/x-nexus",
+            structure_family=StructureFamily.container, structure=None,
+            assets=[Asset(data_uri=path.as_uri(), is_directory=False, parameter="data_uri")])],
+    )
