@@ -26,8 +26,9 @@ p99 / baseline p99 (same run), the server's peak RSS during the attack (VmHWM
 after resetting it through ``/proc/<pid>/clear_refs``) and its rise over the
 RSS at the attack's start, the status codes the attack got (``timeout`` for no
 answer within ``--timeout``), the victim's errors, and whether the server
-survived (a dead or wedged server is restarted on the same catalog before
-the next attack, and the attack says so). The last line is one JSON object
+survived (a dead or wedged server, or one whose attack reads got no answer
+and may still be running, is restarted on the same catalog before the next
+attack, and the attack says so). The last line is one JSON object
 with every figure.
 
 ``--quick`` (a smoke test: 1-s phases, one victim, one attacker) keeps every
@@ -306,9 +307,11 @@ def run(bench: Bench, attacks: list[str], args: argparse.Namespace) -> int:
         stats = victim.stats()
         peak = bench.peak()
         health = bench.healthy(args.timeout)
-        if health is not None:
+        stuck = any(k.endswith((":timeout", ":ReadTimeout")) for k in statuses)
+        if health is not None or stuck:  # reads still running would weigh on the next attack
             bench.stop()
             bench.start()
+            health = health or "restarted (the attack's reads got no answer and may still run)"
         row = {
             **stats,
             "p99_ratio": _ratio(stats["p99_ms"], base["p99_ms"]),
