@@ -2,14 +2,17 @@
 
 Stored chunks come from files the server did not write, so they are hostile
 input. The bitshuffle library bundled with hdf5plugin (and the HDF5 filter
-h5py uses) decodes each LZ4 block with ``LZ4_decompress_fast``, which is
-never told how many compressed bytes the block has: a block whose LZ4 tokens
-claim a longer literal run than the chunk holds makes it copy bytes from
-beyond the chunk (the server's heap) into the answer, or segfault. This module
-decodes the same format with ``LZ4_decompress_safe``, given each block's
-declared compressed size after that size was checked against what is left of
-the chunk, and only then bit-unshuffles the block with the library's own
-(bounded: fixed sizes in, fixed sizes out) ``bshuf_bitunshuffle``.
+h5py uses) decodes each LZ4 block with the compressed size the block's own
+4-byte header declares, never checked against the chunk's stored length
+(upstream bitshuffle calls ``LZ4_decompress_fast``, told no input size at all;
+the build in hdf5plugin 7.1 calls ``LZ4_decompress_safe`` with the declared
+size, which bounds nothing when the file lies): a block claiming more bytes
+than the chunk holds makes it copy bytes from beyond the chunk (the server's
+heap) into the answer, or segfault. This module decodes the same format with
+``LZ4_decompress_safe`` only after each block's declared size was checked
+against what is left of the chunk, and only then bit-unshuffles the block with
+the library's own (bounded: fixed sizes in, fixed sizes out)
+``bshuf_bitunshuffle``.
 
 The chunk format (bitshuffle's ``bshuf_h5filter.c``): 8-byte big-endian
 decoded size in bytes, 4-byte big-endian block size in bytes, then per block
