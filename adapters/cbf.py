@@ -1,6 +1,6 @@
 """CBF frames (Pilatus/Eiger miniCBF): single files and numbered sequences.
 
-Byte-offset pixels are decoded by :mod:`scatterbroker.byte_offset` (the GIL
+Byte-offset pixels are decoded by :mod:`scatterbroker.adapters.byte_offset` (the GIL
 released, bounded by ``SCATTERBROKER_MAX_CHUNK_BYTES``), other compressions are
 refused; headers are parsed by :mod:`.minicbf`
 without decoding, which is what makes registration fast and lets a truncated or
@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 
-from .. import byte_offset, limits
+from scatterbroker.adapters import byte_offset
+from scatterbroker import limits
 from ..errors import IncompleteFile, RequestTooLarge, UnreadableFile
 from .minicbf import _HEAD_BYTES, MAGIC, CBFHeader, parse_header, read_header
 from .single import SingleFileAdapter
@@ -28,7 +29,7 @@ def decode(path: Path) -> np.ndarray:
 
     The header is checked first (a truncated frame is refused before
     decoding); then only the binary section is read, and decompressed by
-    :func:`scatterbroker.byte_offset.decode`, which refuses a frame or section
+    :func:`scatterbroker.adapters.byte_offset.decode`, which refuses a frame or section
     larger than :data:`scatterbroker.limits.MAX_CHUNK_BYTES` (HTTP 413) before
     allocating it. Other CBF compressions are refused (HTTP 422): fabio, the
     only other decoder at hand, decodes nothing but byte-offset either, with a

@@ -34,7 +34,7 @@ REFUSE_HARD_LINKS = "SCATTERBROKER_REFUSE_HARD_LINKS"
 Roots = tuple[Path, ...]
 
 #: A list while someone wants to know which files the current request reads
-#: (``scatterbroker.response_cache`` and ``.entry_cache``: what came from files
+#: (``scatterbroker.server.response_cache`` and ``.entry_cache``: what came from files
 #: is reused only while they are unchanged); every file confined or opened is
 #: added to it as ``(path, file_stamp)``.
 files_read: ContextVar[list | None] = ContextVar("scatterbroker_files_read", default=None)

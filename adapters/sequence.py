@@ -25,7 +25,7 @@ from tiled.structures.core import StructureFamily
 from tiled.structures.data_source import Asset, DataSource, Management
 from tiled.utils import ensure_uri, path_from_uri
 
-from .. import frame_cache
+from scatterbroker.adapters import frame_cache
 from ..errors import FrameMismatch, RequestTooLarge, UnreadableFile
 from .roots import confine, file_stamp
 
@@ -183,7 +183,7 @@ class FrameSequenceAdapter(Adapter[ArrayStructure]):
 
     def _frame(self, position: int) -> np.ndarray:
         """The frame at ``position``, decoded (read-only: it may be kept in
-        :data:`scatterbroker.frame_cache.frames` and given to the next reader)."""
+        :data:`scatterbroker.adapters.frame_cache.frames` and given to the next reader)."""
         path = self.confined_frame_path(position)
         key = (os.fspath(path), file_stamp(os.stat(path)))
         kept = frame_cache.frames.get(key)

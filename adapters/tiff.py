@@ -18,7 +18,6 @@ answer would exceed the response limit is refused before any page is read.
 
 from __future__ import annotations
 
-import builtins
 import functools
 import lzma
 import math

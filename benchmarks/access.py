@@ -204,7 +204,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 SCATTERBROKER = """
 import sys, uvicorn
 from pathlib import Path
-from scatterbroker.server import build_app, local_config
+from scatterbroker.server.app import build_app, local_config
 data_dir, root, port, key = sys.argv[1:5]
 app = build_app(local_config(Path(data_dir), [Path(root)], api_key=key), freeze_gc=True)  # as serve does
 uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -52,7 +51,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -68,7 +66,7 @@ OCTET = {"Accept": "application/octet-stream"}
 SERVER = """
 import sys, uvicorn
 from pathlib import Path
-from scatterbroker.server import build_app, local_config
+from scatterbroker.server.app import build_app, local_config
 data_dir, port, key, *roots = sys.argv[1:]
 app = build_app(local_config(Path(data_dir), [Path(r) for r in roots], api_key=key), freeze_gc=True)
 uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")

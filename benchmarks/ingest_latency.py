@@ -71,7 +71,7 @@ fresh server for every rate, so scans do not interact):
    and ``scatterbroker.catalog.watch.Watcher(client, raw_dir, "raw")`` run on
    a background thread (inotify via watchdog, default ``settle``). Frames are
    CBF files ``scan_00001.cbf ...`` (miniCBF header, byte-offset, via
-   ``scatterbroker.demo.write_cbf``), served at ``raw/scan/frames``. Server,
+   ``scatterbroker.server.demo.write_cbf``), served at ``raw/scan/frames``. Server,
    watcher and poller share one process and its GIL, as in
    ``tests/test_watch.py``; a deployment runs ``scatterbroker watch`` as its
    own process, so this setup is pessimistic. "queue max" is the watcher's
@@ -174,8 +174,8 @@ def make_frames(k: int, seed: int = 2026) -> np.ndarray:
 
 
 def encode_cbf(frame: np.ndarray, tmp: Path) -> tuple[bytes, int]:
-    """The CBF file bytes of ``frame`` (scatterbroker.demo.write_cbf) and where its text header ends."""
-    from scatterbroker.demo import write_cbf
+    """The CBF file bytes of ``frame`` (scatterbroker.server.demo.write_cbf) and where its text header ends."""
+    from scatterbroker.server.demo import write_cbf
 
     path = tmp / "encode.cbf"
     write_cbf(path, frame, float(ANGLE_PLACEHOLDER), CBF_TIME)
@@ -463,7 +463,7 @@ def run_scatterbroker(work: Path, rate: float, n: int, frames: np.ndarray, blobs
     from tiled.client import from_uri
 
     from scatterbroker.catalog.watch import Watcher
-    from scatterbroker.server import build_app, local_config, serve_in_thread
+    from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
     raw = work / "raw"
     raw.mkdir(parents=True)

@@ -5,7 +5,7 @@ What is measured
 One scatterbroker server in its own process on a free 127.0.0.1 port (the
 server of ``benchmarks/access.py``: ``build_app(local_config(...))`` under
 uvicorn, one worker, SQLite catalog, API key; ``--server-workers N`` runs N
-uvicorn workers of ``scatterbroker.server:app_factory`` on a throwaway
+uvicorn workers of ``scatterbroker.server.app:app_factory`` on a throwaway
 PostgreSQL catalog and tables instead, summing their RSS and CPU), serving
 one data tree:
 
@@ -38,7 +38,7 @@ pause between operations (``--think`` adds one) and no retries:
     live scan);
 ``frame_fast``
     one whole frame, random index, of the CBF scan or the NeXus data, through
-    scatterbroker's fast route as ``scatterbroker.client`` asks for it:
+    scatterbroker's fast route as ``scatterbroker.clients.fast_array`` asks for it:
     ``GET /api/v1/sb/frames/<array>?slice=i,0:ny,0:nx&codec=bslz4,cbf,none&shape=...``
     (each frame comes back as its file stores it, not decoded: the NeXus
     frame as its Bitshuffle-LZ4 chunk, the CBF frame as its byte-offset
@@ -72,19 +72,19 @@ the wrong length, or an exception (timeouts included, ``--timeout`` 30 s).
 A task starts no new operation after the deadline; those in flight finish
 and count. Requests/s = requests / (first sent to last received).
 *Replayed* is the share of answers the server took from its response cache
-(``X-SB-Cache: hit``, :mod:`scatterbroker.response_cache`): this data set is
+(``X-SB-Cache: hit``, :mod:`scatterbroker.server.response_cache`): this data set is
 small (20-frame scans), so a frame Tiled compresses below the cache's 1 MiB
 item limit is replayed more often here than in a beamline's catalog.
 ``--baseline no-cache`` first runs the same load against the server without
 its read caches (``SCATTERBROKER_RESPONSE_CACHE=0``,
 ``SCATTERBROKER_ENTRY_CACHE=0``: every request walks the catalog and is
 answered by Tiled), ``--baseline no-entry-cache`` without the entry cache
-only (:mod:`scatterbroker.entry_cache`), ``--baseline tiled-layers`` with
+only (:mod:`scatterbroker.server.entry_cache`), ``--baseline tiled-layers`` with
 Tiled's request middleware as Tiled builds it
-(``SCATTERBROKER_PLAIN_MIDDLEWARE=0``, :mod:`scatterbroker.tiled_layers`),
+(``SCATTERBROKER_PLAIN_MIDDLEWARE=0``, :mod:`scatterbroker.server.tiled_layers`),
 ``--baseline sqlite-threaded`` with the SQLite catalog's reads on aiosqlite's
 worker thread (``SCATTERBROKER_SQLITE_READS_ON_LOOP=0``,
-:mod:`scatterbroker.sqlite_reads`), then as configured, and prints the
+:mod:`scatterbroker.server.sqlite_reads`), then as configured, and prints the
 ratios of requests/s and p50/p99 latency; the last line is then their JSON.
 
 Sampled every second: the server's VmRSS, thread count and CPU time
@@ -454,7 +454,7 @@ def server_threads(server: Server) -> int:
 
 
 class WorkersServer(Server):
-    """``uvicorn --factory scatterbroker.server:app_factory --workers N`` on a PostgreSQL catalog;
+    """``uvicorn --factory scatterbroker.server.app:app_factory --workers N`` on a PostgreSQL catalog;
     its pids are the supervisor and its worker processes (memory and CPU are summed over them)."""
 
     def __init__(self, config: Path, workers: int, port: int, work: Path) -> None:
@@ -462,7 +462,7 @@ class WorkersServer(Server):
         self.url = f"http://127.0.0.1:{port}"
         log = open(work / "server.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "scatterbroker.server:app_factory", "--workers",
+            [sys.executable, "-m", "uvicorn", "--factory", "scatterbroker.server.app:app_factory", "--workers",
              str(workers), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
             stdout=log, stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "SCATTERBROKER_CONFIG": str(config)})
 
@@ -481,7 +481,7 @@ def start_postgres_server(work: Path, data: Path, workers: int, port: int) -> tu
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from postgres import PostgresServer, find_bindir
 
-    from scatterbroker.server import local_config
+    from scatterbroker.server.app import local_config
 
     bindir = find_bindir()
     if bindir is None:
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the load, call malloc_trim(0) in the server with gdb and report its RSS before "
                         "and after (memory the allocator kept vs memory in use)")
     p.add_argument("--server-workers", type=int, default=1,
-                   help="server processes (uvicorn --workers with scatterbroker.server:app_factory); above 1 "
+                   help="server processes (uvicorn --workers with scatterbroker.server.app:app_factory); above 1 "
                         "the catalog and tables go to a throwaway PostgreSQL server (tests/postgres.py; "
                         "Debian's postgresql), as several processes need (default 1: SQLite + DuckDB)")
     p.add_argument("--distinct", type=int, default=4, help="distinct frames encoded and cycled (default 4)")
@@ -678,9 +678,9 @@ BASELINES = {
     "no-cache": ("the server without its read caches",
                  {"SCATTERBROKER_RESPONSE_CACHE": "0", "SCATTERBROKER_ENTRY_CACHE": "0"}),
     "no-entry-cache": ("the server without its entry cache", {"SCATTERBROKER_ENTRY_CACHE": "0"}),
-    "tiled-layers": ("the server with Tiled's six BaseHTTPMiddleware layers (scatterbroker.tiled_layers off)",
+    "tiled-layers": ("the server with Tiled's six BaseHTTPMiddleware layers (scatterbroker.server.tiled_layers off)",
                      {"SCATTERBROKER_PLAIN_MIDDLEWARE": "0"}),
-    "sqlite-threaded": ("the server with its SQLite catalog's reads on aiosqlite's thread (scatterbroker.sqlite_reads "
+    "sqlite-threaded": ("the server with its SQLite catalog's reads on aiosqlite's thread (scatterbroker.server.sqlite_reads "
                         "off)", {"SCATTERBROKER_SQLITE_READS_ON_LOOP": "0"}),
 }
 

@@ -44,7 +44,6 @@ import contextlib
 import json
 import logging
 import re
-import secrets
 import sys
 import tempfile
 import time
@@ -219,7 +218,7 @@ def run_scatterbroker(tmp: Path, raw: Path, n: int, repeat: int) -> dict[str, An
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
-    from scatterbroker.server import build_app, local_config, serve_in_thread
+    from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
     times: list[float] = []
     rerun = None

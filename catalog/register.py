@@ -33,7 +33,7 @@ from .walk import Listing, Sequence, Single, walk
 #: Spec of a scan container holding ``frames`` (array) and ``headers`` (table).
 SCAN_SPEC = Spec("scan")
 #: Spec of array nodes the Python client reads through the fast data route
-#: (scatterbroker.client.FastArrayClient; plain Tiled clients ignore it).
+#: (scatterbroker.clients.fast_array.FastArrayClient; plain Tiled clients ignore it).
 FAST_SPEC = Spec("sb-array")
 
 Progress = Callable[[int, str], None]

@@ -426,19 +426,37 @@ def _expand(paths_or_template: Any) -> list[_Slot]:
 
 
 def _only_sequence(directory: Path) -> Template:
-    from ..catalog.walk import list_directory
+    """The one frame sequence in ``directory``: numbered files of a format read as a
+    sequence, grouped by name around the number (as ``catalog.walk`` groups them;
+    reduction does not import the catalog layer)."""
+    from ..adapters import registry
+    from ..adapters.sequence import ranges_of
 
-    sequences = list_directory(directory).sequences
+    groups: dict[tuple[str, str], list[str]] = {}
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        name = entry.name
+        if name.startswith(".") or name.endswith(("~", ".tmp", ".part")) or not entry.is_file():
+            continue
+        m = _NUMBERED.match(name)
+        if not m:
+            continue
+        try:
+            mimetype = registry.mimetype_for(Path(entry.path))
+        except Exception:  # unknown or unreadable: not a frame
+            continue
+        if registry.sequence_mimetype(mimetype):
+            groups.setdefault((m["prefix"], m["suffix"]), []).append(m["digits"])
+    sequences = {key: digits for key, digits in groups.items() if len(digits) > 1}
     if len(sequences) != 1:
-        names = ", ".join(f"{s.prefix}*{s.suffix}" for s in sequences) or "none"
+        names = ", ".join(f"{p}*{s}" for p, s in sequences) or "none"
         raise StackError(
             f"{directory} holds {len(sequences)} frame sequences ({names}); "
             "give a glob such as 'DIR/scan1_*.cbf'"
         )
-    (s,) = sequences
-    from ..adapters.sequence import ranges_of
-
-    return Template(directory, s.prefix, s.width, s.suffix, ranges_of(s.numbers))
+    ((prefix, suffix), digits), = sequences.items()
+    width = Counter(len(d) for d in digits).most_common(1)[0][0]
+    numbers = [int(d) for d in digits if len(d) == width]
+    return Template(directory, prefix, width, suffix, ranges_of(numbers))
 
 
 def _reader_class(slots: list[_Slot]) -> type:

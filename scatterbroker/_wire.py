@@ -20,7 +20,7 @@ of shape ``X-SB-Shape``. ``X-SB-Codec`` says how the body is packed:
     their headers were checked), concatenated, one per leading-axis item;
     ``X-SB-Chunks`` lists their byte sizes (``X-SB-Chunk-Frames``: 1 each).
     A quarter of a Pilatus frame's raw bytes, nothing decoded on the server;
-    the client decodes them (:mod:`scatterbroker.byte_offset`).
+    the client decodes them (:mod:`scatterbroker.adapters.byte_offset`).
 
 Only the standard library and numpy are imported at module level: the client
 side must not need the server's dependencies.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import re
 from typing import Any
 
@@ -216,7 +215,7 @@ def _available() -> tuple[str, ...]:
         out.append(name)
     if bslz4_available():
         out.append("bslz4")
-    if importlib.util.find_spec("numba") is not None:  # scatterbroker.byte_offset decodes it
+    if importlib.util.find_spec("numba") is not None:  # scatterbroker.adapters.byte_offset decodes it
         out.append("cbf")
     return tuple(out)
 

@@ -54,7 +54,7 @@ def serve(
     ),
 ) -> None:
     """Serve a catalog over HTTP (embedded SQLite unless --config says otherwise)."""
-    from .server import build_app, local_config, new_api_key
+    from scatterbroker.server.app import build_app, local_config, new_api_key
 
     directories = [Path(d) for d in directories or []]
     for d in directories:
@@ -92,7 +92,7 @@ def serve(
         web_app = build_app(parsed, freeze_gc=True)
     else:
         if demo:
-            from .demo import write_demo
+            from scatterbroker.server.demo import write_demo
 
             demo_dir = write_demo(data_dir / "demo")
             directories += [demo_dir / "raw", demo_dir / "scans", demo_dir / "wrappers"]
@@ -407,7 +407,7 @@ def keys_admin(
     expires: Optional[str] = typer.Option(None, help="Lifetime, e.g. 30d (default: never)."),
 ) -> None:
     """Log in as admin (password from $SCATTERBROKER_ADMIN_PASSWORD, else asked) and print an admin key."""
-    from .keys import admin_key
+    from scatterbroker.server.keys import admin_key
 
     password = os.environ.get("SCATTERBROKER_ADMIN_PASSWORD") or typer.prompt(f"{user} password", hide_input=True)
     print(admin_key(url, password, username=user, provider=provider, expires_in=_seconds(expires)))
@@ -423,7 +423,7 @@ def keys_issue(
     api_key: Optional[str] = API_KEY,
 ) -> None:
     """Issue a key (with an admin key); prints the secret, and on stderr how to revoke it."""
-    from .keys import issue_key
+    from scatterbroker.server.keys import issue_key
 
     if not api_key:
         raise typer.BadParameter("issuing keys needs an admin key (--api-key or $SCATTERBROKER_API_KEY)")
@@ -445,7 +445,7 @@ def keys_revoke(
     api_key: Optional[str] = API_KEY,
 ) -> None:
     """Revoke a key issued by `keys issue` (with an admin key)."""
-    from .keys import revoke_key
+    from scatterbroker.server.keys import revoke_key
 
     revoke_key(url, api_key or "", principal, first_eight)
     _console(stderr=True).print(f"revoked {first_eight[:8]}")
@@ -588,9 +588,9 @@ def wrap(
 
     The wrapper holds the node's metadata tree and small fields, and for each large
     field both its facility-local external link and its global URI, so that
-    scatterbroker.nexus.nxload reads it anywhere.
+    scatterbroker.clients.nexus.nxload reads it anywhere.
     """
-    from .nexus import wrap as write_wrapper
+    from scatterbroker.clients.nexus import wrap as write_wrapper
 
     report = write_wrapper(uri, out, api_key=api_key, relative=not absolute)
     _console().print(report.summary())
@@ -611,7 +611,7 @@ def upload(
     Small data are stored in the server's writable storage, links stay links to
     their URIs; an existing node is never overwritten and nothing goes under raw data.
     """
-    from .upload import upload as upload_file
+    from scatterbroker.clients.upload import upload as upload_file
 
     if len(args) not in (2, 3):
         raise typer.BadParameter("give FILE.nxs and the new node's URI (or URL NODE)")
@@ -681,7 +681,7 @@ def bench_client(
     """Your frame latency and MB/s to your server, for one array node."""
     import json as json_
 
-    from .client import bench
+    from scatterbroker.clients.fast_array import bench
 
     client = _client(url, api_key)
     result = bench(client[node], frames=frames, max_bytes=int(max_mb * 1e6), compare=compare)

@@ -142,7 +142,7 @@ class Backend:
 
     def config(self, data_dir: Path, roots: list[Path], *, public: bool = False) -> dict:
         """``local_config`` for one new server, with fresh databases on PostgreSQL."""
-        from scatterbroker.server import local_config
+        from scatterbroker.server.app import local_config
 
         if self.name == "sqlite":
             return local_config(data_dir, roots, api_key=API_KEY, public=public)
@@ -195,7 +195,7 @@ def five_scans_read_once(monkeypatch, data_dir: Path, **build):
     import httpx
     from tiled.client import from_uri
 
-    from scatterbroker.server import build_app, local_config, serve_in_thread
+    from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
     monkeypatch.setenv("SCATTERBROKER_RESPONSE_CACHE_TTL", "0.5")
     app = build_app(local_config(data_dir, [], api_key=API_KEY), **build)
@@ -213,7 +213,7 @@ def start_server(data_dir: Path, roots: list[Path], *, public: bool = False,
                  backend: Backend = SQLITE):
     """Context manager: a real scatterbroker server on a free loopback port,
     its catalog in ``backend`` (pass the ``backend`` fixture)."""
-    from scatterbroker.server import build_app, serve_in_thread
+    from scatterbroker.server.app import build_app, serve_in_thread
 
     return serve_in_thread(build_app(backend.config(data_dir, roots, public=public)))
 

@@ -1,4 +1,4 @@
-"""CBF byte-offset decoding (scatterbroker.byte_offset) against fabio's own codec."""
+"""CBF byte-offset decoding (scatterbroker.adapters.byte_offset) against fabio's own codec."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fabio.compression import compByteOffset, decByteOffset
 
-from scatterbroker.byte_offset import decode
+from scatterbroker.adapters.byte_offset import decode
 
 
 def frame_with_every_escape(dtype: str = "int32") -> np.ndarray:

@@ -89,7 +89,7 @@ def test_serve_demo_then_slice_with_python_and_curl(tmp_path):
         client = from_uri(url)
         frames = client["raw/demo-2026/sample1/scan1/frames"]
         assert frames.shape == (30, 195, 487)
-        from scatterbroker.demo import demo_frames
+        from scatterbroker.server.demo import demo_frames
 
         assert np.array_equal(frames[7], demo_frames(seed=0)[7])
         r = httpx.get(f"{url}/api/v1/array/full/raw/demo-2026/sample1/scan1/frames",
@@ -108,7 +108,6 @@ def test_serve_demo_then_slice_with_python_and_curl(tmp_path):
 
 
 def test_anonymous_profiles_refuse_to_bind_beyond_loopback(tmp_path):
-    from pathlib import Path
 
     demo_yml = Path(__file__).resolve().parent.parent / "server_config" / "demo.yml"
     env = {"SCATTERBROKER_DATA": str(tmp_path)}

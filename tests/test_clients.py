@@ -31,8 +31,8 @@ def served(tmp_path_factory):
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
-    from scatterbroker.nexus import wrap
-    from scatterbroker.upload import upload
+    from scatterbroker.clients.nexus import wrap
+    from scatterbroker.clients.upload import upload
 
     root = tmp_path_factory.mktemp("clients")
     arrays = write_tree(root / "beamline")
@@ -116,8 +116,8 @@ def test_intake_reader_opens_a_node_by_uri(served):
     intake = pytest.importorskip("intake", reason="intake 2 not installed (dev extra)")
     from nexusformat.nexus import NXroot
 
-    from scatterbroker.intake_reader import ScatterbrokerNeXus, ScatterbrokerNode, open_node
-    from scatterbroker.nexus import RemoteField
+    from scatterbroker.clients.intake_reader import ScatterbrokerNeXus, ScatterbrokerNode, open_node
+    from scatterbroker.clients.nexus import RemoteField
 
     url, _, arrays = served
     node = uri(url, "scans/s1/scan1")
@@ -138,7 +138,7 @@ def test_intake_reader_opens_a_node_by_uri(served):
 
 def test_intake_catalog_of_uris_round_trips_without_the_key(served, tmp_path, monkeypatch):
     intake = pytest.importorskip("intake", reason="intake 2 not installed (dev extra)")
-    from scatterbroker.intake_reader import open_node
+    from scatterbroker.clients.intake_reader import open_node
 
     url, _, arrays = served
     catalog = intake.entry.Catalog()

@@ -1,5 +1,5 @@
 """Array answers compressed with Blosc2 are shuffled by the array's item size
-(scatterbroker.compression), and read back exactly by Tiled's own client."""
+(scatterbroker.server.compression), and read back exactly by Tiled's own client."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from conftest import API_KEY
 
-from scatterbroker.compression import type_size
-from scatterbroker.server import build_app, local_config, serve_in_thread
+from scatterbroker.server.compression import type_size
+from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
 
 @pytest.fixture(scope="module")

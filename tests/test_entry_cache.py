@@ -1,4 +1,4 @@
-"""Nodes found by walking the catalog are reused (scatterbroker.entry_cache), never past a write
+"""Nodes found by walking the catalog are reused (scatterbroker.server.entry_cache), never past a write
 to them or above them, never past a change of the files they were found in.
 
 A real server on loopback with the response cache *off*, so that every read is
@@ -23,8 +23,8 @@ import pytest
 
 from conftest import API_KEY, change_files, files_that_change, five_scans_read_once, make_frames, write_cbf
 
-from scatterbroker import entry_cache
-from scatterbroker.server import build_app, local_config, serve_in_thread
+from scatterbroker.server import entry_cache
+from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
 OCTET = {"Accept": "application/octet-stream"}
 JSON = {"Accept": "application/json"}

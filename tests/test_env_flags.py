@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from scatterbroker.environment import env_flag
-from scatterbroker.write_log import enabled_by_default
+from scatterbroker.server.write_log import enabled_by_default
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -148,7 +148,7 @@ def _raw(http: httpx.Client, node: str, slice_text: str, codec: str = "none") ->
     assert "etag" not in r.headers
     shape = tuple(int(s) for s in r.headers[_wire.H_SHAPE].split(",") if s)
     out = np.empty(shape, dtype=np.dtype(r.headers[_wire.H_DTYPE]))
-    from scatterbroker.client import decode_body
+    from scatterbroker.clients.fast_array import decode_body
 
     one_item = slice_text.split(",")[0].strip().lstrip("-").isdigit()
     decode_body(r.headers[_wire.H_CODEC], r.content, {k.lower(): v for k, v in r.headers.items()}, out,
@@ -160,7 +160,7 @@ def _raw(http: httpx.Client, node: str, slice_text: str, codec: str = "none") ->
 
 
 def test_nodes_open_as_the_fast_client(client, server):
-    from scatterbroker.client import FastArrayClient
+    from scatterbroker.clients.fast_array import FastArrayClient
 
     for node in server[1]:
         arr = client[f"data/{node}"]
@@ -187,7 +187,7 @@ def test_client_returns_what_the_library_returns(client, server, key):
 
 def test_whole_reads_split_into_blocks_are_exact(client, server, monkeypatch):
     """Force many small block requests (and chunk alignment) on every node."""
-    import scatterbroker.client as sc
+    import scatterbroker.clients.fast_array as sc
 
     monkeypatch.setattr(sc, "BLOCK_BYTES", 3000)
     for node, source in server[1].items():
@@ -382,7 +382,7 @@ def test_other_bad_requests(server):
 
 
 def test_more_than_the_configured_response_size_is_413(files, tmp_path):
-    from scatterbroker.server import build_app, serve_in_thread
+    from scatterbroker.server.app import build_app, serve_in_thread
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
@@ -399,7 +399,7 @@ def test_more_than_the_configured_response_size_is_413(files, tmp_path):
             assert http.get("/api/v1/sb/frames/h5/chunked/data", params={"slice": "0:5"}).status_code == 200
             assert http.get("/api/v1/sb/info/h5/chunked/data").json()["max_bytes"] == 5 * 24 * 32 * 4
         # the client splits large reads into requests under the limit
-        import scatterbroker.client as sc
+        import scatterbroker.clients.fast_array as sc
 
         old = sc.BLOCK_BYTES
         sc.BLOCK_BYTES = 4 * 24 * 32 * 4
@@ -559,7 +559,7 @@ def test_falls_back_to_tiled_endpoints_without_the_route(tmp_path):
     from tiled.server.simple import ThreadedServer
     from tiled.structures.core import Spec
 
-    import scatterbroker.client as sc
+    import scatterbroker.clients.fast_array as sc
 
     data = make_frames(6, seed=3, dtype="uint16")
     tree = MapAdapter({"a": ArrayAdapter.from_array(data, specs=[Spec("sb-array")])})

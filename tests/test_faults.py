@@ -46,10 +46,10 @@ def _serve(config: dict, port: int, log: str, fsize_limit: int, env: dict[str, s
 
     client_utils.TILED_RETRY_ATTEMPTS = int(os.environ.get("TILED_RETRY_ATTEMPTS", "10"))
     client_utils.TILED_RETRY_TIMEOUT = float(os.environ.get("TILED_RETRY_TIMEOUT", "45"))
-    if "scatterbroker.reduction.jobs" in sys.modules:  # job heartbeat settings
+    if "scatterbroker.server.jobs" in sys.modules:  # job heartbeat settings
         import importlib
 
-        importlib.reload(sys.modules["scatterbroker.reduction.jobs"])
+        importlib.reload(sys.modules["scatterbroker.server.jobs"])
     if fsize_limit:  # writes beyond this size fail with EFBIG instead of killing the process
         import resource
 
@@ -58,7 +58,7 @@ def _serve(config: dict, port: int, log: str, fsize_limit: int, env: dict[str, s
     import uvicorn
     from tiled.commandline._catalog import init
 
-    from scatterbroker.server import build_app
+    from scatterbroker.server.app import build_app
 
     args = config["trees"][0]["args"]
     init(database=args["uri"], if_not_exists=True)  # what init_if_not_exists does, in-process
@@ -72,7 +72,7 @@ def _fork_server_context():
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["uvicorn", "tiled.config", "tiled.server.app", "tiled.catalog", "tiled.client",
-                                "tiled.commandline._catalog", "scatterbroker.server", "httpx", "numpy"])
+                                "tiled.commandline._catalog", "scatterbroker.server.app", "httpx", "numpy"])
     return ctx
 
 
@@ -336,7 +336,7 @@ def transform_parameters() -> dict:
 @pytest.mark.parametrize("phase", ["computing", "writing"])
 def test_kill_9_during_a_job_marks_it_failed_and_leaves_no_product(tmp_path, servers, phase: str):
     """Promise: a job whose server died is reported -- and recorded -- failed once
-    its heartbeat is stale (reduction/jobs.py::status), never running forever; its
+    its heartbeat is stale (scatterbroker/server/jobs.py::status), never running forever; its
     product is never marked complete, a half-written one is visibly
     ``complete: False`` until then and removed when the job is found interrupted
     (``partial_product`` on the record). A new job then runs normally."""

@@ -1,4 +1,4 @@
-"""Decoded frames are kept (scatterbroker.frame_cache) and never outlive their file's content.
+"""Decoded frames are kept (scatterbroker.adapters.frame_cache) and never outlive their file's content.
 
 A real server in this process (so the cache's counters are visible) serving a
 CBF scan and a Bitshuffle-LZ4 NeXus stack written by fabio and h5py; regions
@@ -16,9 +16,9 @@ import pytest
 
 from conftest import API_KEY, make_frames, write_cbf
 
-from scatterbroker import frame_cache
-from scatterbroker.frame_cache import FrameCache
-from scatterbroker.server import build_app, local_config, serve_in_thread
+from scatterbroker.adapters import frame_cache
+from scatterbroker.adapters.frame_cache import FrameCache
+from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
 AUTH = {"Authorization": f"Apikey {API_KEY}"}
 OCTET = {**AUTH, "Accept": "application/octet-stream"}

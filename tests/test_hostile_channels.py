@@ -78,7 +78,7 @@ def marked(facility, keys):
 @pytest.fixture(scope="module")
 def revoked(facility, keys):
     """A p1 read key and a p1 write key, each shown to work, then revoked."""
-    from scatterbroker.keys import issue_key, revoke_key
+    from scatterbroker.server.keys import issue_key, revoke_key
 
     issued = {access: issue_key(facility.url, keys["admin"], access, ["p1"]) for access in ("read", "write")}
     for key in issued.values():

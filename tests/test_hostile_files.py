@@ -247,7 +247,7 @@ def server(corpus, tmp_path_factory):
     proc = ServerProcess(SQLITE.config(work / "db", roots), free_port(), work / "server.log")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(client_utils, "TILED_RETRY_ATTEMPTS", 1)  # a 500 is an answer, not a retry
-        import scatterbroker.client as sb_client
+        import scatterbroker.clients.fast_array as sb_client
 
         patch.setattr(sb_client, "TIMEOUT", TIMEOUT)
         proc.start()

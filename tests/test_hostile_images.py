@@ -20,7 +20,6 @@ import lzma
 import struct
 import tracemalloc
 import zlib
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -32,7 +31,8 @@ from fabio.compression import compByteOffset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scatterbroker import byte_offset, limits
+from scatterbroker.adapters import byte_offset
+from scatterbroker import limits
 from scatterbroker.adapters.cbf import CBFAdapter
 from scatterbroker.adapters.minicbf import BINARY_START
 from scatterbroker.adapters.tiff import TIFFAdapter
@@ -454,7 +454,7 @@ def test_crafted_frames_of_a_series_are_refused_by_server_and_client(server, hos
     server decodes and answers 422 naming the frame file; codec=cbf: the server sends
     the section as stored, and the client's decoder (the same kernel) refuses it."""
     from scatterbroker import _wire
-    from scatterbroker.client import decode_body
+    from scatterbroker.clients.fast_array import decode_body
 
     name, _raw, _status, words = CRAFTED_FRAMES[position - 1]
     r = server.http.get("/sb/frames/cbf/seq/frames", params={"slice": f"{position}:{position + 1}",

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 
 import httpx
 import numpy as np
-import pytest
 from conftest import API_KEY, make_frames, start_server, write_cbf
 from test_keys import facility, keys  # noqa: F401  (module fixtures: the facility profile, its keys)
 
@@ -126,7 +125,7 @@ def _other_host():
 def test_the_server_fetches_nothing_from_a_host_the_operator_did_not_allow(tmp_path, monkeypatch):
     from tiled.client import from_uri
 
-    from scatterbroker import job_inputs
+    from scatterbroker.server import job_inputs
     from scatterbroker.catalog.register import register
 
     raw = tmp_path / "raw" / "s1"

@@ -104,6 +104,6 @@ def test_registered_files_cannot_be_made_the_servers_to_delete(tmp_path) -> None
             assert "must be managed 'external'" in r.text
             # what a client may still do leaves the file alone
             for asset in source["assets"]:
-                http.delete(f"/asset/data/raw", params={"id": asset["id"], "external_only": False})
+                http.delete("/asset/data/raw", params={"id": asset["id"], "external_only": False})
             http.delete("/metadata/data/raw")
     assert raw.read_bytes() == before

@@ -43,7 +43,7 @@ def transform_parameters(grid_step=0.25, ub_scale=1.0):
 def test_projection_job_writes_a_product_with_provenance(scan):
     from tiled.client import from_uri
 
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
 
     client, uri, frames, _ = scan
     job = jobs.submit(client, "project", [uri], {"kind": "sum", "axis": 0, "slab": "2:8"})
@@ -62,7 +62,7 @@ def test_projection_job_writes_a_product_with_provenance(scan):
 def test_roi_statistics_and_radial_profile(scan):
     from tiled.client import from_uri
 
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
 
     client, uri, frames, _ = scan
     job = jobs.submit(client, "project", [uri], {"kind": "roi", "slab": ":,3:9,4:12"}, output="reduced/s1/roi")
@@ -115,7 +115,7 @@ def test_http_job_reads_this_servers_frames_without_http(scan, monkeypatch):
     straight from its adapter (found with the submitter's key); an input named by
     another host is refused, unless it is an allowed peer: then it is read over HTTP.
     Both give the sum numpy gives."""
-    from scatterbroker import job_inputs
+    from scatterbroker.server import job_inputs
 
     client, uri, frames, url = scan
     reads: list[bool] = []
@@ -153,7 +153,7 @@ def test_transform_job_takes_the_ub_from_the_scans_nexus_sample(tmp_path, monkey
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
     from scatterbroker.reduction.geometry import TransformParams, UB, rotation_matrix
     from scatterbroker.reduction.stack import write_scan
     from scatterbroker.reduction.transform import transform
@@ -211,7 +211,7 @@ def test_transform_job_takes_the_ub_from_the_scans_nexus_sample(tmp_path, monkey
 
 
 def test_bad_jobs_fail_clearly_and_leave_no_product(scan):
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
 
     client, uri, _, url = scan
     h = {"Authorization": f"Apikey {API_KEY}"}
@@ -244,7 +244,7 @@ def test_jobs_need_write_scope(tmp_path):
 
 
 def test_interrupted_job_is_reported_failed_not_running(scan, monkeypatch):
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
 
     client, uri, _, _ = scan
     job = jobs.submit(client, "project", [uri], {"kind": "sum"})
@@ -255,7 +255,7 @@ def test_interrupted_job_is_reported_failed_not_running(scan, monkeypatch):
 
 
 def test_job_the_server_never_started_is_reported_failed_not_queued(scan):
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
 
     client, uri, _, _ = scan
     later = jobs.submit(client, "project", [uri], {"kind": "sum"})  # to be run later by its submitter
@@ -271,7 +271,7 @@ def test_job_the_server_never_started_is_reported_failed_not_queued(scan):
 
 def test_dask_executor_gives_the_same_grid(scan):
     distributed = pytest.importorskip("distributed")
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
 
     client, uri, _, _ = scan
     params = {**transform_parameters(), "frames_per_task": 4}
@@ -313,7 +313,7 @@ def test_job_history_survives_a_server_restart(tmp_path):
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
 
     raw = tmp_path / "raw"
     raw.mkdir()

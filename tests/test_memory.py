@@ -1,7 +1,7 @@
 """The server process gives freed frame-sized buffers back to the system.
 
 glibc raises its mmap threshold to the size of the first large block freed, so
-without :func:`scatterbroker.server.release_large_buffers` later 10 MB frames
+without :func:`scatterbroker.server.app.release_large_buffers` later 10 MB frames
 are carved from the heap and kept after they are freed (the server's RSS grew
 ~100 MB/min under 32 clients in benchmarks/load.py, and was flat with it)."""
 
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 if sys.argv[1] == "server":
     from pathlib import Path
-    from scatterbroker.server import build_app, local_config
+    from scatterbroker.server.app import build_app, local_config
     build_app(local_config(Path(sys.argv[2]), [], api_key="k"))
 
 def rss():
@@ -55,7 +55,7 @@ FROZEN = """
 import gc, sys, tempfile
 from pathlib import Path
 import httpx
-from scatterbroker.server import build_app, local_config, serve_in_thread
+from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
 app = build_app(local_config(Path(tempfile.mkdtemp()) / "data", [], api_key="k"),
                 freeze_gc=sys.argv[1] == "freeze")
@@ -78,7 +78,7 @@ def test_serving_processes_freeze_what_start_up_made(mode, tmp_path):
 ARROW_POOL = """
 import sys
 from pathlib import Path
-from scatterbroker.server import build_app, local_config
+from scatterbroker.server.app import build_app, local_config
 build_app(local_config(Path(sys.argv[1]), [], api_key="k"))
 import pyarrow
 print(pyarrow.default_memory_pool().backend_name)

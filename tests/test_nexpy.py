@@ -30,9 +30,9 @@ SCREENSHOT = os.environ.get("SCATTERBROKER_SCREENSHOT")
 def test_plugin_is_an_entry_point_with_a_catalog_menu():
     from importlib.metadata import entry_points
 
-    from scatterbroker.nexpy_plugin import plugin_menu
+    from scatterbroker.clients.nexpy_plugin import plugin_menu
 
-    (entry,) = [e for e in entry_points(group="nexpy.plugins") if e.module == "scatterbroker.nexpy_plugin"]
+    (entry,) = [e for e in entry_points(group="nexpy.plugins") if e.module == "scatterbroker.clients.nexpy_plugin"]
     assert entry.load() is plugin_menu
     menu, actions = plugin_menu()
     assert menu == "Catalog"
@@ -44,7 +44,7 @@ def test_plugin_is_an_entry_point_with_a_catalog_menu():
 def test_search_box_queries_and_tree_names():
     from tiled.queries import Comparison, Eq, FullText, Regex
 
-    from scatterbroker.nexpy_plugin import parse_query, tree_name
+    from scatterbroker.clients.nexpy_plugin import parse_query, tree_name
 
     assert parse_query("sample/temperature >= 200 AND sample.name == 's1'; title ~ ^Ni") == [
         Comparison("ge", "sample.temperature", 200), Eq("sample.name", "s1"), Regex("title", "^Ni")]
@@ -62,8 +62,8 @@ def catalog(tmp_path_factory):
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
-    from scatterbroker.nexus import wrap
-    from scatterbroker.upload import upload
+    from scatterbroker.clients.nexus import wrap
+    from scatterbroker.clients.upload import upload
 
     root = tmp_path_factory.mktemp("nexpy-site")
     arrays = write_tree(root / "beamline")
@@ -88,7 +88,7 @@ def window(tmp_path_factory):
     pytest.importorskip("pytestqt", reason="pytest-qt not installed (dev extra)")
     home = tmp_path_factory.mktemp("nexpy-home")
     (home / ".nexpy").mkdir()
-    (home / ".nexpy" / "settings.ini").write_text("[plugins]\nscatterbroker.nexpy_plugin = 1\n")
+    (home / ".nexpy" / "settings.ini").write_text("[plugins]\nscatterbroker.clients.nexpy_plugin = 1\n")
     patch = pytest.MonkeyPatch()
     patch.setenv("HOME", str(home))
     if not (SCREENSHOT and os.environ.get("DISPLAY")):
@@ -158,7 +158,7 @@ def test_catalog_menu_is_in_nexpy(window):
 def test_open_a_customised_upload_from_the_catalog(window, catalog, qtbot):
     from nexpy.gui.pyqt import QtCore
 
-    from scatterbroker.nexus import RemoteField
+    from scatterbroker.clients.nexus import RemoteField
 
     url, arrays, _ = catalog
     dialog = new_dialog(window, "Open from catalog…")
@@ -200,8 +200,8 @@ def test_register_the_current_file(window, catalog, qtbot, tmp_path):
     from nexpy.gui.pyqt import QtCore
     from tiled.client import from_uri
 
-    from scatterbroker.nexpy_plugin import open_wrapper
-    from scatterbroker.nexus import RemoteField, nxload
+    from scatterbroker.clients.nexpy_plugin import open_wrapper
+    from scatterbroker.clients.nexus import RemoteField, nxload
 
     url, arrays, wrapper = catalog
     away = tmp_path / "far" / "away"

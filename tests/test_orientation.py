@@ -333,7 +333,7 @@ def test_orient_job_then_transform_with_its_ub(tmp_path):
     import httpx
     from conftest import API_KEY, start_server, write_cbf
     from scatterbroker.catalog.register import register
-    from scatterbroker.reduction import jobs
+    from scatterbroker.server import jobs
     from scatterbroker.reduction.geometry import Grid
     from tiled.client import from_uri
 

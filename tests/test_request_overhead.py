@@ -1,5 +1,5 @@
 """The server builds FastAPI dependants, pydantic response models and SQL aliases once,
-not on every request (scatterbroker.request_overhead), and behaves the same."""
+not on every request (scatterbroker.server.request_overhead), and behaves the same."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ counting(_generics, "create_generic_submodel", "models")
 counting(schema.Column, "_make_proxy", "column_proxies")
 
 from fastapi.testclient import TestClient
-from scatterbroker.server import build_app, local_config
+from scatterbroker.server.app import build_app, local_config
 
 config = local_config(Path(tempfile.mkdtemp()) / "data", [], api_key="k")
 if sys.argv[1] == "scatterbroker":
@@ -81,7 +81,7 @@ def test_dependency_overrides_still_apply():
     from fastapi import Depends, FastAPI
     from fastapi.testclient import TestClient
 
-    from scatterbroker import request_overhead
+    from scatterbroker.server import request_overhead
 
     assert request_overhead.memoize_dependants()
 
@@ -113,7 +113,7 @@ def test_dependency_overrides_still_apply():
 def test_node_lookup_statement_is_tiled_s(segments, root_id):
     from tiled.catalog import adapter
 
-    from scatterbroker import request_overhead
+    from scatterbroker.server import request_overhead
 
     assert request_overhead.reuse_node_aliases()
     ours = adapter.node_from_segments(segments, root_id=root_id)

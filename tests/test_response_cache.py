@@ -1,4 +1,4 @@
-"""Answers of Tiled's read routes are replayed (scatterbroker.response_cache), never stale,
+"""Answers of Tiled's read routes are replayed (scatterbroker.server.response_cache), never stale,
 never to another principal, and never past a refused key.
 
 A real server on loopback, written to through Tiled's client; every read that
@@ -18,8 +18,8 @@ import pytest
 
 from conftest import API_KEY, change_files, files_that_change, five_scans_read_once, make_frames, start_server
 
-from scatterbroker.response_cache import ResponseCache, enabled_by_default
-from scatterbroker.server import build_app, local_config, serve_in_thread
+from scatterbroker.server.response_cache import ResponseCache, enabled_by_default
+from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
 HIT = "x-sb-cache"
 

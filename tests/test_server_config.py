@@ -15,7 +15,7 @@ def test_demo_yml_serves_anonymous_reads_and_keyed_writes(tmp_path, monkeypatch)
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
-    from scatterbroker.server import build_app, serve_in_thread
+    from scatterbroker.server.app import build_app, serve_in_thread
 
     raw = tmp_path / "demo" / "raw"
     raw.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""scatterbroker.sqlite_reads: which aiosqlite calls run on the event loop, and that writers never block it.
+"""scatterbroker.server.sqlite_reads: which aiosqlite calls run on the event loop, and that writers never block it.
 
 Each statement reports the thread that ran it through an SQL function
 (``sqlite3.Connection.create_function``), on real SQLite files.
@@ -14,7 +14,7 @@ import threading
 import aiosqlite
 import pytest
 
-from scatterbroker import sqlite_reads
+from scatterbroker.server import sqlite_reads
 
 sqlite_reads.install()
 
@@ -125,7 +125,7 @@ def test_the_catalog_reads_on_the_loop(tmp_path):
     from tiled.client import from_uri
 
     from conftest import API_KEY
-    from scatterbroker.server import build_app, local_config, serve_in_thread
+    from scatterbroker.server.app import build_app, local_config, serve_in_thread
 
     seen: list[bool] = []
     original = sqlite_reads.reads_on_loop
@@ -168,7 +168,7 @@ def test_statements_that_write_stay_on_the_thread():
 def test_the_served_catalog_is_in_wal_mode(tmp_path):
     """Tiled's catalog creation leaves SQLite in rollback-journal mode; build_app switches it."""
     from conftest import API_KEY
-    from scatterbroker.server import build_app, local_config
+    from scatterbroker.server.app import build_app, local_config
 
     config = local_config(tmp_path / "catalog", [], api_key=API_KEY)
     build_app(config)

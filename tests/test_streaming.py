@@ -1,5 +1,5 @@
 """Tiled's streaming cache in one process keeps its messages within a byte bound
-(scatterbroker.streaming), where Tiled's own keeps the last 1000 of any size.
+(scatterbroker.server.streaming), where Tiled's own keeps the last 1000 of any size.
 
 Subscribers hearing each new frame of a live scan through this datastore:
 test_watch's ``test_frames_appear_one_by_one_and_subscribers_hear``.
@@ -16,8 +16,8 @@ from tiled.server.streaming import TTLCacheDatastore
 
 from conftest import API_KEY
 
-from scatterbroker.server import build_app, local_config, serve_in_thread
-from scatterbroker.streaming import DATASTORE, BoundedMemoryDatastore, memory_config
+from scatterbroker.server.app import build_app, local_config, serve_in_thread
+from scatterbroker.server.streaming import DATASTORE, BoundedMemoryDatastore, memory_config
 
 
 def array_ref(n_assets: int) -> dict:

@@ -4,7 +4,7 @@ Tiled 0.2.20 gives DuckDB storage a ``StaticPool``: every request thread gets
 the same ADBC connection at the same time. Concurrent reads of a table then
 fail with "Attempting to execute an unsuccessful or closed pending query
 result" (HTTP 500), and soon crash the server process with SIGSEGV inside
-DuckDB. ``scatterbroker.server.catalog`` gives DuckDB storage a
+DuckDB. ``scatterbroker.server.app.catalog`` gives DuckDB storage a
 one-connection pool instead, so its users take turns. Found by
 ``benchmarks/load.py`` (a live display reading the headers of the frame the
 watcher just appended).

@@ -1,4 +1,4 @@
-"""Tiled's per-request middleware, flattened (scatterbroker.tiled_layers) or as Tiled builds it.
+"""Tiled's per-request middleware, flattened (scatterbroker.server.tiled_layers) or as Tiled builds it.
 
 Every behaviour of Tiled's six ``@app.middleware("http")`` layers is checked on
 a real server twice: with ``flatten`` (the default) and with
@@ -16,8 +16,8 @@ from prometheus_client import REGISTRY
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from conftest import API_KEY
-from scatterbroker.server import build_app, local_config, serve_in_thread
-from scatterbroker.tiled_layers import TiledLayers, flatten
+from scatterbroker.server.app import build_app, local_config, serve_in_thread
+from scatterbroker.server.tiled_layers import TiledLayers, flatten
 
 CSRF = "tiled_csrf"  # Tiled's cookie name (its 403 message says "tiled_csrf_token")
 
@@ -64,7 +64,7 @@ def test_layers_it_does_not_know_are_left_alone(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SCATTERBROKER_PLAIN_MIDDLEWARE", "1")
     del app.user_middleware[[m.cls for m in app.user_middleware].index(BaseHTTPMiddleware) + 2]
     before = list(app.user_middleware)
-    with caplog.at_level(logging.WARNING, logger="scatterbroker.tiled_layers"):
+    with caplog.at_level(logging.WARNING, logger="scatterbroker.server.tiled_layers"):
         assert not flatten(app)
     assert app.user_middleware == before
     assert "not the one scatterbroker knows" in caplog.text

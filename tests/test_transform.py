@@ -175,7 +175,7 @@ def test_kernels_match_numpy_reference(dtype):
         padded[: grid.size] = nt
         np.testing.assert_array_equal(touched[t], padded.reshape(pages, -1).any(axis=1))
     assert touched[1:].any()
-    v_ref_rest, n_ref_rest = v_rest.copy(), n_rest.copy()
+    v_ref_rest = v_rest.copy()
     _kernels.reduce_partials(v, v_rest, touched)
     _kernels.reduce_partials(n, n_rest, touched)
 

@@ -546,7 +546,7 @@ def test_watcher_rides_out_a_server_restart(tmp_path, monkeypatch):
     from conftest import SQLITE
     from tiled.client import from_uri
 
-    from scatterbroker.server import build_app, serve_in_thread
+    from scatterbroker.server.app import build_app, serve_in_thread
 
     raw = tmp_path / "raw"
     raw.mkdir()

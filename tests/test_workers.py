@@ -1,5 +1,5 @@
 """Several server processes on one catalog (operator guide §7): uvicorn's
-``--workers`` with ``scatterbroker.server:app_factory``, PostgreSQL for the
+``--workers`` with ``scatterbroker.server.app:app_factory``, PostgreSQL for the
 catalog and the tables. Every request, whichever worker takes it, sees the same
 catalog; jobs started by one worker are reported by all."""
 
@@ -60,7 +60,7 @@ def test_two_workers_share_one_postgresql_catalog(tmp_path: Path, postgres) -> N
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "uvicorn.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "scatterbroker.server:app_factory",
+        [sys.executable, "-m", "uvicorn", "--factory", "scatterbroker.server.app:app_factory",
          "--workers", "2", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env={**os.environ, "SCATTERBROKER_CONFIG": str(config_file)}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,

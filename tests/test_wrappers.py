@@ -1,7 +1,7 @@
 """Portable NeXus wrappers through global URIs, and uploading them back (real server).
 
 ``scatterbroker wrap`` writes a wrapper on one server; copied where its
-external links do not resolve, ``scatterbroker.nexus.nxload`` reads the same
+external links do not resolve, ``scatterbroker.clients.nexus.nxload`` reads the same
 slices over HTTP; a customised copy goes back with ``scatterbroker upload``.
 """
 
@@ -47,7 +47,7 @@ def quick_server(data_dir: Path, roots: list[Path], *, public: bool = False, por
     is a copy of an initialised template. An existing ``data_dir`` is served
     as it is (a restart).
     """
-    from scatterbroker.server import build_app, serve_in_thread
+    from scatterbroker.server.app import build_app, serve_in_thread
 
     data_dir.mkdir(parents=True, exist_ok=True)
     config = SQLITE.config(data_dir, roots, public=public)
@@ -144,7 +144,7 @@ def test_wrap_writes_metadata_tree_links_and_uri_placeholders(site, tmp_path):
 
 
 def test_copied_wrapper_reads_the_same_slices_over_http(site, scan_wrapper, tmp_path):
-    from scatterbroker.nexus import RemoteField, nxload
+    from scatterbroker.clients.nexus import RemoteField, nxload
 
     frames = site.arrays["cbf"]
     out = scan_wrapper
@@ -177,7 +177,7 @@ def test_copied_wrapper_reads_the_same_slices_over_http(site, scan_wrapper, tmp_
 
 def test_field_without_a_file_is_wrapped_by_uri_only(site, tmp_path):
     """Raw CBF frames have no HDF5 file to link: only the placeholder, under its own name."""
-    from scatterbroker.nexus import nxload
+    from scatterbroker.clients.nexus import nxload
 
     out = make_wrapper(site, "raw/p1/s1/scan1", tmp_path / "raw-scan1.nxs")
     with h5py.File(out, "r") as f:
@@ -192,7 +192,7 @@ def test_field_without_a_file_is_wrapped_by_uri_only(site, tmp_path):
 def test_nxload_of_a_uri_loads_the_whole_tree_with_lazy_large_fields(site):
     from nexusformat.nexus import NXroot
 
-    from scatterbroker.nexus import RemoteField, nxload
+    from scatterbroker.clients.nexus import RemoteField, nxload
 
     root = nxload(site.uri("scans/s1/scan1"), api_key=API_KEY, local=False)
     assert isinstance(root, NXroot) and root.attrs["creator"] == "scatterbroker"
@@ -218,7 +218,7 @@ def test_nxload_of_a_uri_loads_the_whole_tree_with_lazy_large_fields(site):
 
 
 def test_saving_a_loaded_tree_writes_placeholders_not_data(site, tmp_path):
-    from scatterbroker.nexus import RemoteField, nxload
+    from scatterbroker.clients.nexus import RemoteField, nxload
 
     root = nxload(site.uri("scans/s1/scan1"), api_key=API_KEY, local=False)
     root.save(tmp_path / "saved.nxs")
@@ -238,7 +238,7 @@ def customise(path: Path) -> None:
     """What a scientist does: add a fit result, a note, an attribute."""
     from nexusformat.nexus import NXdata, NXfield, NXnote, NXprocess
 
-    from scatterbroker.nexus import nxload
+    from scatterbroker.clients.nexus import nxload
 
     root = nxload(path, "rw")
     root.entry.fit = NXprocess(program="lmfit", version="1.3")
@@ -250,7 +250,7 @@ def customise(path: Path) -> None:
 
 
 def test_customised_wrapper_uploads_back_without_copying_data(site, scan_wrapper, tmp_path):
-    from scatterbroker.nexus import RemoteField, nxload
+    from scatterbroker.clients.nexus import RemoteField, nxload
 
     before = tree_digest(site.root / "beamline")
     out = scan_wrapper
@@ -295,7 +295,7 @@ def test_customised_wrapper_uploads_back_without_copying_data(site, scan_wrapper
     ("wrappers/s1/scan1/mine", "registered data"),
 ])
 def test_upload_refuses_overwriting_and_raw_locations(site, scan_wrapper, target, refusal):
-    from scatterbroker.upload import NodeExists, ReadOnlyLocation, upload
+    from scatterbroker.clients.upload import NodeExists, ReadOnlyLocation, upload
 
     out = scan_wrapper
     if "taken" in target and "taken" not in site.client["users/ana"]:
@@ -311,7 +311,7 @@ def test_upload_refuses_overwriting_and_raw_locations(site, scan_wrapper, target
 
 
 def test_upload_refuses_large_datasets_and_non_nexus_files(site, tmp_path):
-    from scatterbroker.upload import UploadRefused, UploadTooLarge, upload
+    from scatterbroker.clients.upload import UploadRefused, UploadTooLarge, upload
 
     big = tmp_path / "big.nxs"
     with h5py.File(big, "w") as f:
@@ -332,7 +332,7 @@ def test_dead_server_or_removed_node_names_the_uri_and_local_fields_still_read(t
     from tiled.client import from_uri
 
     from scatterbroker.catalog.register import register
-    from scatterbroker.nexus import RemoteDataError, nxload, wrap
+    from scatterbroker.clients.nexus import RemoteDataError, nxload, wrap
 
     arrays = write_tree(tmp_path / "beamline")
     scans = tmp_path / "beamline" / "scans"

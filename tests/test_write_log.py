@@ -1,4 +1,4 @@
-"""What a write at one node changes, as the read caches ask it (scatterbroker.write_log.WriteLog)."""
+"""What a write at one node changes, as the read caches ask it (scatterbroker.server.write_log.WriteLog)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scatterbroker.write_log import WriteLog, forget_expired, write_kind
+from scatterbroker.server.write_log import WriteLog, forget_expired, write_kind
 
 
 def test_each_reach_sees_the_writes_its_reads_show():
@@ -89,11 +89,11 @@ def test_write_kinds_by_route(method, route, node, cascading, kind):
 def test_the_proposal_policy_cascades_metadata_writes_only_under_jobs(tmp_path):
     from conftest import API_KEY
 
-    from scatterbroker.server import build_app, cascading_metadata, local_config
+    from scatterbroker.server.app import build_app, cascading_metadata, local_config
 
     assert cascading_metadata(build_app(local_config(tmp_path / "a", [], api_key=API_KEY))) == ()
     facility = local_config(tmp_path / "b", [], api_key=API_KEY)
-    facility["access_control"] = {"access_policy": "scatterbroker.access:ProposalAccessPolicy", "args": {}}
+    facility["access_control"] = {"access_policy": "scatterbroker.server.access:ProposalAccessPolicy", "args": {}}
     assert cascading_metadata(build_app(facility)) == ("jobs",)
 
 

@@ -5,7 +5,7 @@ specs include ``sb-array`` (entry point ``tiled.special_client``, see
 pyproject.toml). It is Tiled's ``ArrayClient`` with the read path replaced:
 
 * reads go to the server's lean route ``/api/v1/sb/frames/<path>`` (see
-  :mod:`scatterbroker.fastpath`), which returns raw bytes with their shape and
+  :mod:`scatterbroker.server.fastpath`), which returns raw bytes with their shape and
   dtype in headers; the bytes are received straight into the result array;
 * a large read is split along its leading axis into blocks of about
   ``SCATTERBROKER_BLOCK_BYTES`` (default 32 MB; smaller for medium reads so
@@ -14,7 +14,7 @@ pyproject.toml). It is Tiled's ``ArrayClient`` with the read path replaced:
   keep-alive connections;
 * the codec is negotiated per read: whole frames stored as Bitshuffle-LZ4
   chunks in HDF5 (when hdf5plugin is installed) or as byte-offset CBF files
-  (:mod:`scatterbroker.byte_offset`) are sent as stored and decoded here, one
+  (:mod:`scatterbroker.adapters.byte_offset`) are sent as stored and decoded here, one
   request per frame; otherwise
   raw bytes on loopback and ``SCATTERBROKER_CODEC`` (default ``blosc2``,
   shuffle + LZ4 at level 1) to other hosts;
@@ -51,8 +51,9 @@ import numpy as np
 from tiled.client.array import ArrayClient
 from tiled.structures.core import Spec
 
-from . import _wire, byte_offset
-from .environment import env_flag
+from scatterbroker import _wire
+from scatterbroker.adapters import byte_offset
+from scatterbroker.environment import env_flag
 
 __all__ = ["FastArrayClient", "SPEC", "CLIENT_THREADS", "BLOCK_BYTES"]
 

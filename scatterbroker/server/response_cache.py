@@ -11,7 +11,7 @@ ASGI middleware in front of Tiled's app that keeps the bodies of successful
 comes again:
 
 * **Per principal.** Every request, hit or miss, first runs Tiled's own
-  authentication dependencies (:func:`scatterbroker.fastpath._authorize`: API
+  authentication dependencies (:func:`scatterbroker.server.fastpath._authorize`: API
   key or token, scopes, access tags; a revoked key is refused at once). An
   answer is replayed only to a request with the same principal, scopes, access
   tags and session state, for the same URL and the same request headers
@@ -19,7 +19,7 @@ comes again:
   ``Cookie``), so the access policy's decision is the one taken for it.
 * **Invalidated by writes.** Every other method (``POST``, ``PUT``,
   ``PATCH``, ``DELETE``) that passes through marks its node path when it
-  arrives and again when it has answered (:mod:`scatterbroker.write_log`,
+  arrives and again when it has answered (:mod:`scatterbroker.server.write_log`,
   whose log the entry cache reads too; a ``DELETE`` of a node marks its
   parent too). An answer about node *Q*, stored from a request that started
   before such a mark, is dropped if the write was exactly at *Q* or at an
@@ -50,8 +50,8 @@ comes again:
   only while every one of them still stats the same. A file replaced or
   grown on disk is read afresh at once.
 * **One process.** Only writes through this process are seen, so the cache
-  is on for ``scatterbroker serve`` and :func:`scatterbroker.server.build_app`
-  (one process) and off in :func:`scatterbroker.server.app_factory` (several
+  is on for ``scatterbroker serve`` and :func:`scatterbroker.server.app.build_app`
+  (one process) and off in :func:`scatterbroker.server.app.app_factory` (several
   workers), unless ``SCATTERBROKER_RESPONSE_CACHE`` says otherwise. Answers
   are also forgotten after ``SCATTERBROKER_RESPONSE_CACHE_TTL`` seconds (10):
   the bound on staleness if something writes the catalog database around
@@ -84,10 +84,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from tiled.server.app import CSRF_COOKIE_NAME
 
-from .adapters.roots import files_read, one_stamp_each, unchanged
-from .environment import env_number
-from .fastpath import _authorize, _who
-from .write_log import WriteLog, cache_ttl, enabled_by_default, forget_expired, split_node_route
+from scatterbroker.adapters.roots import files_read, one_stamp_each, unchanged
+from scatterbroker.environment import env_number
+from scatterbroker.server.fastpath import _authorize, _who
+from scatterbroker.server.write_log import WriteLog, cache_ttl, enabled_by_default, forget_expired, split_node_route
 
 __all__ = ["ResponseCache", "enabled_by_default"]
 
@@ -146,8 +146,8 @@ class _Flight:
 class ResponseCache:
     """ASGI middleware: see the module docstring.
 
-    ``log`` is the :class:`~scatterbroker.write_log.WriteLog` that a
-    :class:`~scatterbroker.write_log.WriteMarks` in front of this middleware
+    ``log`` is the :class:`~scatterbroker.server.write_log.WriteLog` that a
+    :class:`~scatterbroker.server.write_log.WriteMarks` in front of this middleware
     fills with every write. ``max_bytes`` bounds the bodies kept,
     ``item_bytes`` one body, ``ttl`` the seconds an answer is kept at most.
     ``stats`` counts hits (replays of kept answers), joined (replays of an

@@ -1,7 +1,7 @@
 """Build the Tiled server: our catalog tree, configs, and a loopback runner.
 
 ``catalog(...)`` is the tree factory named in ``server_config/*.yml``
-(``tree: scatterbroker.server:catalog``): Tiled's SQL catalog with every
+(``tree: scatterbroker.server.app:catalog``): Tiled's SQL catalog with every
 installed adapter plug-in, each bound to the configured readable roots. The
 app itself is Tiled's (``build_app_from_config``), not a fork.
 """
@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import compression, request_overhead, sqlite_reads
-from .adapters import registry
-from .adapters.roots import normalize_roots
-from .catalog.guard import guard
-from .environment import check_environment, env_flag
-from .streaming import memory_config
+from scatterbroker.server import compression, request_overhead, sqlite_reads
+from scatterbroker.adapters import registry
+from scatterbroker.adapters.roots import normalize_roots
+from scatterbroker.server.guard import guard
+from scatterbroker.environment import check_environment, env_flag
+from scatterbroker.server.streaming import memory_config
 
 #: Where ``scatterbroker serve`` keeps its catalog and written data by default.
 DEFAULT_DATA_DIR = Path(os.environ.get("SCATTERBROKER_DATA", "scatterbroker-data"))
@@ -43,7 +43,7 @@ def catalog(
 
     ``cache_config`` is Tiled's streaming cache (websocket subscriptions, so a
     client following a scan hears of each new frame): in-process memory by
-    default, bounded by bytes (:mod:`scatterbroker.streaming`: ``max_bytes``,
+    default, bounded by bytes (:mod:`scatterbroker.server.streaming`: ``max_bytes``,
     ``data_ttl``); ``{"uri": "redis://host:6379"}`` when several workers serve.
     (Tiled fills this only for its own tree factories, so configs name it here.)
     """
@@ -54,7 +54,7 @@ def catalog(
     )
     adapters = registry.bind_roots(registry.adapters_by_mimetype(), roots)
     # This tree serves the fast data route (below): datasets inside files say so
-    # with a spec, which makes the Python client use it (scatterbroker.client).
+    # with a spec, which makes the Python client use it (scatterbroker.clients.fast_array).
     from tiled.structures.core import Spec
 
     adapters = {
@@ -75,18 +75,18 @@ def catalog(
     _duckdb_one_at_a_time(tree)
     sqlite_reads.enable_wal(uri)  # Tiled means to, but its PRAGMA runs inside a transaction
     # Tiled mounts a tree's ``include_routers`` under /api/v1 (and /custom): the
-    # fast data route (scatterbroker.fastpath) comes with every scatterbroker tree.
-    from .fastpath import router
-    from .jobs_api import router as jobs_router
+    # fast data route (scatterbroker.server.fastpath) comes with every scatterbroker tree.
+    from scatterbroker.server.fastpath import router
+    from scatterbroker.server.jobs_api import router as jobs_router
 
     tree.include_routers = [*getattr(tree, "include_routers", []), router, jobs_router]
     # Job records are written by the jobs API only, never through the generic
-    # write routes (scatterbroker/job_records.py).
-    from .job_records import install as job_records_only_by_the_server
+    # write routes (scatterbroker/server/job_records.py).
+    from scatterbroker.server.job_records import install as job_records_only_by_the_server
 
     job_records_only_by_the_server(tree)
     # Refuse bad node keys, and assets outside the roots, when they are registered
-    # (stock Tiled stores them and fails only on read): see catalog/guard.py.
+    # (stock Tiled stores them and fails only on read): see scatterbroker/server/guard.py.
     return guard(tree, roots)
 
 
@@ -109,7 +109,7 @@ def _duckdb_one_at_a_time(tree: Any) -> None:
 
     if not isinstance(SQLStorage.__dict__.get("_connection_pool"), functools.cached_property):
         raise RuntimeError("tiled.storage.SQLStorage._connection_pool is no longer a cached_property "
-                           "(Tiled upgrade?): revisit scatterbroker.server._duckdb_one_at_a_time")
+                           "(Tiled upgrade?): revisit scatterbroker.server.app._duckdb_one_at_a_time")
     for storage in tree.context.writable_storage.values():
         if isinstance(storage, SQLStorage) and storage.dialect == "duckdb" and not isinstance(
                 storage.__dict__.get("_connection_pool"), sqlalchemy.pool.QueuePool):
@@ -148,7 +148,7 @@ def local_config(
         "trees": [
             {
                 "path": "/",
-                "tree": "scatterbroker.server:catalog",
+                "tree": "scatterbroker.server.app:catalog",
                 "args": {
                     "uri": catalog_uri or f"sqlite:///{data_dir / 'catalog.db'}",
                     "readable_storage": [str(Path(r).resolve()) for r in roots],
@@ -226,18 +226,18 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     (:func:`release_large_buffers`, with Arrow's buffers on it:
     :func:`arrow_buffers_from_malloc`), and has FastAPI build each route's
     dependencies and response models once instead of on every request
-    (:mod:`scatterbroker.request_overhead`), Blosc2-compress array answers
-    shuffled by their item size (:mod:`scatterbroker.compression`), and run an
-    SQLite catalog's reads on the event loop (:mod:`scatterbroker.sqlite_reads`).
+    (:mod:`scatterbroker.server.request_overhead`), Blosc2-compress array answers
+    shuffled by their item size (:mod:`scatterbroker.server.compression`), and run an
+    SQLite catalog's reads on the event loop (:mod:`scatterbroker.server.sqlite_reads`).
     Tiled's per-request middleware becomes one plain ASGI layer
-    (:mod:`scatterbroker.tiled_layers`).
+    (:mod:`scatterbroker.server.tiled_layers`).
 
     ``response_cache`` keeps answers of Tiled's read routes until a write
-    touches their node (:mod:`scatterbroker.response_cache`): right only when
+    touches their node (:mod:`scatterbroker.server.response_cache`): right only when
     every write reaches this one process. Default: ``$SCATTERBROKER_RESPONSE_CACHE``
     if set, else on (:func:`app_factory`, for several workers, turns it off).
     ``entry_cache`` likewise keeps the nodes Tiled's routes find by walking the
-    catalog (:mod:`scatterbroker.entry_cache`; ``$SCATTERBROKER_ENTRY_CACHE``).
+    catalog (:mod:`scatterbroker.server.entry_cache`; ``$SCATTERBROKER_ENTRY_CACHE``).
 
     ``freeze_gc`` (``scatterbroker serve``, :func:`app_factory`): once the app
     has started, see :func:`freeze_after_startup` (``SCATTERBROKER_GC_FREEZE=0``
@@ -256,15 +256,15 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
     else:
         check_environment(config)
         app = build_app_from_config(parse_configs(config))
-    from .tiled_layers import flatten
+    from scatterbroker.server.tiled_layers import flatten
 
     flatten(app)  # Tiled's six @app.middleware("http") layers as one plain ASGI middleware
     # Requests to the fast data route skip Tiled's middleware stack (see
-    # scatterbroker.fastpath.FastLane); everything else is Tiled's app.
-    from .fastpath import FastLane
-    from . import entry_cache as entries
-    from .response_cache import ResponseCache
-    from .write_log import WriteLog, WriteMarks, enabled_by_default
+    # scatterbroker.server.fastpath.FastLane); everything else is Tiled's app.
+    from scatterbroker.server.fastpath import FastLane
+    from scatterbroker.server import entry_cache as entries
+    from scatterbroker.server.response_cache import ResponseCache
+    from scatterbroker.server.write_log import WriteLog, WriteMarks, enabled_by_default
 
     if response_cache is None:
         response_cache = enabled_by_default(one_process=True)
@@ -287,11 +287,11 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
 
 def cascading_metadata(app: Any) -> tuple[str, ...]:
     """Where a metadata write may change access below its node, for the read caches
-    (:func:`scatterbroker.write_log.write_kind`): nowhere without an access policy,
-    the job records with :class:`~scatterbroker.access.ProposalAccessPolicy` (it
+    (:func:`scatterbroker.server.write_log.write_kind`): nowhere without an access policy,
+    the job records with :class:`~scatterbroker.server.access.ProposalAccessPolicy` (it
     decides by path, and by ``job.proposal`` under ``/jobs``), everywhere with
     any other policy."""
-    from .access import JOBS_TREE, ProposalAccessPolicy
+    from scatterbroker.server.access import JOBS_TREE, ProposalAccessPolicy
 
     policy = getattr(app.state, "access_policy", None)
     if policy is None:
@@ -343,7 +343,7 @@ async def _storage_full(request, exc: OSError):
 
     from starlette.responses import JSONResponse
 
-    logging.getLogger("scatterbroker.server").error(
+    logging.getLogger("scatterbroker.server.app").error(
         "%s %s: the server's storage is full: %s", request.method, request.url.path, exc)
     return JSONResponse(status_code=507, content={
         "detail": f"the server's writable storage is full ({_FULL[exc.errno]}): nothing was stored; "
@@ -358,10 +358,10 @@ def app_factory():
     pools), so requests spread over CPUs and no lock is shared between them::
 
         SCATTERBROKER_CONFIG=server_config/facility.yml \\
-            uvicorn --factory scatterbroker.server:app_factory --workers 4 --port 8000
-        # or: gunicorn -k uvicorn.workers.UvicornWorker -w 4 'scatterbroker.server:app_factory()'
+            uvicorn --factory scatterbroker.server.app:app_factory --workers 4 --port 8000
+        # or: gunicorn -k uvicorn.workers.UvicornWorker -w 4 'scatterbroker.server.app:app_factory()'
     """
-    from .write_log import enabled_by_default
+    from scatterbroker.server.write_log import enabled_by_default
 
     # Each worker sees only its own writes: no worker may replay answers (unless told to).
     return build_app(os.environ.get("SCATTERBROKER_CONFIG") or os.environ.get("TILED_CONFIG", "config.yml"),

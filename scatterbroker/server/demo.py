@@ -71,9 +71,9 @@ def write_cbf(path: Path, frame: np.ndarray, angle: float, time: str) -> None:
 
 def write_demo(directory: str | Path) -> Path:
     """Write the demo data set under ``directory`` (skipped if already there)."""
-    from .adapters.units import put
-    from .reduction.stack import write_scan
-    from .reduction.wrapper import write_wrapper
+    from scatterbroker.adapters.units import put
+    from scatterbroker.reduction.stack import write_scan
+    from scatterbroker.reduction.wrapper import write_wrapper
 
     directory = Path(directory)
     done = directory / ".complete"

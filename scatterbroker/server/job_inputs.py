@@ -6,7 +6,7 @@ goes through a Tiled client with the submitter's key, but the frames
 themselves need not travel out through the server's socket and back in: at
 submission the input node is looked up **with the submitter's credentials**,
 through the same Tiled ``get_entry`` (access policy at every path segment)
-and readable-root checks as the fast data route (``scatterbroker.fastpath``),
+and readable-root checks as the fast data route (``scatterbroker.server.fastpath``),
 and the job reads its frames straight from that adapter, decoded in the
 server's I/O threads. Nothing is looked up for an input the submitter cannot
 read.
@@ -24,7 +24,7 @@ every compressed frame (about half of a transform job's CPU time,
 ``benchmarks/transform.py`` end to end).
 
 The same holds for the sample a transform takes its UB from when the
-parameters give none (:func:`scatterbroker.reduction.jobs.scan_ub`): the
+parameters give none (:func:`scatterbroker.server.jobs.scan_ub`): the
 NXentry above the input and its NXsample are found, and the UB fields read, in
 the server -- each node through ``get_entry`` with the submitter's
 credentials, ``read:metadata`` for the walk and ``read:data`` for the fields,
@@ -43,7 +43,7 @@ from urllib.parse import quote, urlparse
 
 import numpy as np
 
-from . import _wire
+from scatterbroker import _wire
 
 log = logging.getLogger(__name__)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -93,7 +93,7 @@ def normalize(uri: Any, request: Any, base: str, what: str = "input") -> str:
 
     This server is its socket address, or the host the request named (the node is
     then resolved here by its path: nothing is fetched from that host)."""
-    from .reduction.jobs import JobError, node_path
+    from scatterbroker.server.jobs import JobError, node_path
 
     if not isinstance(uri, str):
         raise JobError(f"{what} {uri!r} is not a node URI (…/api/v1/metadata/<path>)")
@@ -125,8 +125,8 @@ async def resolve(request: Any, uris: list[str]) -> dict[str, Found]:
     or not frame stacks are left out: the job then opens them over HTTP and
     reports the problem itself.
     """
-    from .fastpath import _authorize, _lookup
-    from .reduction.jobs import node_path
+    from scatterbroker.server.fastpath import _authorize, _lookup
+    from scatterbroker.server.jobs import node_path
 
     here = origin(self_base(request))
     metrics: dict = collections.defaultdict(lambda: collections.defaultdict(float))  # Tiled's timings, unused
@@ -167,8 +167,8 @@ async def _sample(request: Any, path: str, auth: Any, metrics: Any) -> tuple[dic
     from tiled.server.utils import get_base_url
     from tiled.structures.core import StructureFamily
 
-    from .fastpath import _lookup
-    from .reduction.jobs import _UB_FIELDS, spec_names
+    from scatterbroker.server.fastpath import _lookup
+    from scatterbroker.server.jobs import _UB_FIELDS, spec_names
 
     async def node(p: str, family: StructureFamily) -> Any:
         return await get_entry(p, ["read:metadata"], auth.principal, auth.access_tags, auth.scopes,
@@ -212,7 +212,7 @@ class ServerFrames:
         return getattr(self._node, name)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        from .fastpath import read_payload
+        from scatterbroker.server.fastpath import read_payload
 
         if self._entry is None:
             return self._node[key]
@@ -234,12 +234,12 @@ class ServerFrames:
 
 
 def opener(found: dict[str, Found], base: str | None = None):
-    """An ``open_input`` for :func:`scatterbroker.reduction.jobs.run` that wraps the
+    """An ``open_input`` for :func:`scatterbroker.server.jobs.run` that wraps the
     inputs found by :func:`resolve` (when the client node agrees on shape and dtype).
 
     ``base``: this server's own URL (:func:`self_base`); an input elsewhere (a
     peer's) that fails to open is reported without the peer's answer."""
-    from .reduction.jobs import open_input
+    from scatterbroker.server.jobs import open_input
 
     def open_(uri: str, api_key: str | None) -> Any:
         node = open_input(uri, api_key, foreign=base is None or origin(uri) != origin(base))

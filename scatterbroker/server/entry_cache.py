@@ -20,7 +20,7 @@ written on the way, so :class:`EntryCache` keeps it:
   ``read:data``) are cached; every write route walks as Tiled does.
 * **Until a write.** An entry is dropped when, after its walk started, a
   write changed the node's catalog row, or a write at one of its ancestors
-  may have changed what lies below it (:class:`scatterbroker.write_log.WriteLog`,
+  may have changed what lies below it (:class:`scatterbroker.server.write_log.WriteLog`,
   ``reach="entry"``: a table row appended to the node, or anything written
   further down, say a frame appended to a child, leaves the node's own row
   as it was, and the routes query a container's children afresh anyway). A
@@ -58,8 +58,8 @@ import tiled.server.dependencies
 import tiled.server.router
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapters.roots import files_read, one_stamp_each, unchanged
-from .write_log import WriteLog, ancestors, cache_ttl, forget_expired, node_path
+from scatterbroker.adapters.roots import files_read, one_stamp_each, unchanged
+from scatterbroker.server.write_log import WriteLog, ancestors, cache_ttl, forget_expired, node_path
 
 __all__ = ["EntryCache", "install", "get_entry", "cache_for", "who"]
 
@@ -284,7 +284,7 @@ def cache_for(root_tree: Any) -> EntryCache | None:
 def install(app: Any, log: WriteLog) -> EntryCache:
     """Cache the walks of ``app``'s Tiled routes over its catalog tree, invalidated by ``log``.
 
-    ``log`` must be filled by a :class:`~scatterbroker.write_log.WriteMarks`
+    ``log`` must be filled by a :class:`~scatterbroker.server.write_log.WriteMarks`
     in front of the app. Points ``tiled.server.router.get_entry`` (the name
     Tiled's routes call) at :func:`get_entry` here, once per process.
     """

@@ -65,7 +65,7 @@ from tiled.server.app import (CSRF_HEADER_NAME, CSRF_QUERY_PARAMETER, MINIMUM_SU
                               SAFE_METHODS, SENSITIVE_COOKIES, current_principal)
 from tiled.server.utils import CSRF_COOKIE_NAME
 
-from .environment import env_flag
+from scatterbroker.environment import env_flag
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ headers; ``slice`` is numpy-style but strict, ``codec`` a preference list such
 as ``bslz4,none``, ``shape`` the node's shape as the client knows it), and
 ``GET /api/v1/sb/info/{path}`` what the client needs to split large reads well
 (the HDF5 chunk shape, the stored compression, the codecs on offer, the
-response limit). :class:`scatterbroker.client.FastArrayClient` uses them;
+response limit). :class:`scatterbroker.clients.fast_array.FastArrayClient` uses them;
 every other Tiled client keeps using Tiled's ``/array/full`` and
 ``/array/block``, which are untouched.
 
@@ -71,10 +71,12 @@ from tiled.server.settings import Settings, get_settings
 from tiled.server.utils import record_timing
 from tiled.structures.core import StructureFamily
 
-from . import _wire, bitshuffle, entry_cache, frame_cache, limits
-from .adapters.roots import file_stamp
-from .entry_cache import who
-from .errors import UnreadableFile
+from scatterbroker import _wire, bitshuffle, limits
+from scatterbroker.server import entry_cache
+from scatterbroker.adapters import frame_cache
+from scatterbroker.adapters.roots import file_stamp
+from scatterbroker.server.entry_cache import who
+from scatterbroker.errors import UnreadableFile
 
 __all__ = ["router", "PREFIX", "read_payload"]
 
@@ -117,7 +119,7 @@ class Payload:
 
 
 def _executor():
-    from .adapters.sequence import _executor as shared
+    from scatterbroker.adapters.sequence import _executor as shared
 
     return shared()
 
@@ -590,7 +592,7 @@ async def _entry(request: Request, path: str, auth: _Auth, required: list[str],
     """The node at ``path`` through Tiled's ``get_entry`` (access policy applied
     at every segment), reused by the same principal: until a write reaches it
     or a file it opened changes when the app has an entry cache
-    (:mod:`scatterbroker.entry_cache`, one-process servers), else for
+    (:mod:`scatterbroker.server.entry_cache`, one-process servers), else for
     ``ENTRY_TTL`` seconds.
 
     Without the entry cache, ``shape`` is the node's shape as the client knows it (from its metadata
@@ -777,7 +779,7 @@ class FastLane:
     Tiled's app runs every request through its per-request layers (CSRF,
     client version, cookies, Server-Timing, Prometheus, logging: six
     ``BaseHTTPMiddleware``\ s in Tiled, one plain middleware once
-    :mod:`scatterbroker.tiled_layers` has flattened them), CORS, its
+    :mod:`scatterbroker.server.tiled_layers` has flattened them), CORS, its
     compression responder and FastAPI's router: about 1.5 ms of CPU per request
     before the route runs (measured with Tiled's six). None of them matters to this route -- a safe GET,
     answered with a media type the compressor skips -- except CORS, so
@@ -785,7 +787,7 @@ class FastLane:
     Authentication and node lookup are the route's own (Tiled's dependencies,
     Tiled's ``get_entry``), identical on both paths.
 
-    ``scatterbroker.server.build_app`` installs it; an app built elsewhere
+    ``scatterbroker.server.app.build_app`` installs it; an app built elsewhere
     (``tiled serve config`` with our tree) serves the same route through the
     router, only slower.
     """

@@ -5,7 +5,7 @@ in the catalog at ``/jobs/<id>`` (metadata only), so it survives a server
 restart; a running job refreshes a heartbeat, and one whose heartbeat has
 stopped (the process died) is reported -- and recorded -- as failed.
 
-Records are the server's (``scatterbroker.job_records``): they are created,
+Records are the server's (``scatterbroker.server.job_records``): they are created,
 changed and read through the jobs API (``POST``/``PATCH``/``GET
 /api/v1/jobs``), which checks what it records; Tiled's generic write routes
 refuse ``/jobs``. A job run by a client (:func:`submit` then :func:`run`)
@@ -42,8 +42,8 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from ..catalog.uris import global_uri
-from ..errors import ScatterbrokerError
+from scatterbroker.catalog.uris import global_uri
+from scatterbroker.errors import ScatterbrokerError
 
 HEARTBEAT_SECONDS = float(os.environ.get("SCATTERBROKER_JOB_HEARTBEAT") or 2.0)
 #: a running job silent for this long is taken as dead
@@ -200,7 +200,7 @@ def _transform_task(task: tuple) -> tuple[np.ndarray, np.ndarray]:
     uri, api_key, start, stop, params, mask = task
     from tiled.client import from_uri
 
-    from .transform import partial
+    from scatterbroker.reduction.transform import partial
 
     node = from_uri(uri, api_key=api_key)
     return tuple(partial(_FrameRange(node, start, stop), start, params, mask=mask))
@@ -222,10 +222,10 @@ def scan_ub(node: Any, uri: str) -> tuple[Any, str]:
     child with :meth:`UB.from_nexus` (``ub_matrix``, else ``orientation_matrix``,
     as U times B of ``unit_cell`` when it is a rotation and a cell is given).
     """
-    from .geometry import UB, GeometryError
+    from scatterbroker.reduction.geometry import UB, GeometryError
 
     known = getattr(node, "nexus_sample", None)
-    if known is not None:  # read in the server at submission (scatterbroker.job_inputs.ServerFrames)
+    if known is not None:  # read in the server at submission (scatterbroker.server.job_inputs.ServerFrames)
         values, sample_uri = known
         try:
             return UB.from_nexus(values), sample_uri
@@ -275,8 +275,8 @@ def op_transform(inputs: list[Any], uris: list[str], params: dict, api_key: str 
     product: its refined ``ub``, :func:`product_ub`) or, if absent, from the
     NXsample of the NeXus entry the input belongs to (:func:`scan_ub`).
     """
-    from .geometry import TransformParams
-    from .transform import finish, merge, transform
+    from scatterbroker.reduction.geometry import TransformParams
+    from scatterbroker.reduction.transform import finish, merge, transform
 
     (node,), (uri,) = inputs, uris
     frames = frame_stack(node, uri)
@@ -306,7 +306,7 @@ def op_transform(inputs: list[Any], uris: list[str], params: dict, api_key: str 
 
 def op_project(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
     """Projection or statistics of one frame stack (see reduction/project.py)."""
-    from .project import project
+    from scatterbroker.reduction.project import project
 
     (node,), (uri,) = inputs, uris
     arrays = project(frame_stack(node, uri), params)
@@ -315,7 +315,7 @@ def op_project(inputs: list[Any], uris: list[str], params: dict, api_key: str | 
 
 def op_peaks(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
     """Bragg peaks of one frame stack (reduction/peaks.py): columns frame, y, x, intensity, npix."""
-    from .peaks import find_peaks, peak_options
+    from scatterbroker.reduction.peaks import find_peaks, peak_options
 
     (node,), (uri,) = inputs, uris
     peaks = find_peaks(frame_stack(node, uri), **peak_options(params))
@@ -327,7 +327,7 @@ def op_peaks(inputs: list[Any], uris: list[str], params: dict, api_key: str | No
 
 def op_orient(inputs: list[Any], uris: list[str], params: dict, api_key: str | None, executor) -> Product:
     """Peaks, then U (and optionally the lattice) refined against them (reduction/orientation.py)."""
-    from .orientation import orient_frames
+    from scatterbroker.reduction.orientation import orient_frames
 
     (node,), (uri,) = inputs, uris
     result = orient_frames(frame_stack(node, uri), params)
@@ -415,9 +415,9 @@ def new_record(job_id: str, operation: str, inputs: list[str], parameters: dict,
         "id": job_id, "operation": operation, "inputs": list(inputs), "parameters": parameters,
         "output": output, "state": "queued", "submitted": _now(), "software": _versions(),
         "heartbeat": _now() if starting else None,
-        # who may see the record under per-proposal keys (scatterbroker.access)
+        # who may see the record under per-proposal keys (scatterbroker.server.access)
         "proposal": proposal,
-        # whose rights clean-up acts with (scatterbroker.job_records.remove_partial)
+        # whose rights clean-up acts with (scatterbroker.server.job_records.remove_partial)
         "owner": {"proposals": owner_proposals},
     }
 
@@ -451,7 +451,7 @@ def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequ
     ``storage``: the server's writable storage directories, when the job runs
     inside the server, so a failed product write can say whether the disk is full.
     ``opener(uri, api_key)``: opens an input (default :func:`open_input`); the
-    server passes one that reads frames without HTTP (``scatterbroker.job_inputs``).
+    server passes one that reads frames without HTTP (``scatterbroker.server.job_inputs``).
     """
     record = job.metadata["job"]
     _update(job, state="running", started=_now(), heartbeat=_now())
@@ -480,7 +480,7 @@ def run(client: Any, job: Any, api_key: str | None, executor=None, storage: Sequ
         stop.set()
         # Whatever this job left under /reduced goes (with the runner's own key); if it
         # cannot (the server is gone), the record keeps its path and the server removes
-        # it later, within the owner's proposals (scatterbroker.job_records).
+        # it later, within the owner's proposals (scatterbroker.server.job_records).
         path = partial[0] if partial else None
         left = None if _remove_partial(client, path, record["id"]) else path
         _update(job, state="failed", finished=_now(), error=f"{type(err).__name__}: {err}", heartbeat=None,
@@ -628,7 +628,7 @@ def status(job: Any) -> dict[str, Any]:
 
     There a job found interrupted (:func:`stale_changes`) is recorded failed, and
     its half-written product, if the record names one, deleted -- or, if it was
-    complete, the job recorded ``done`` (``scatterbroker.jobs_api``).
+    complete, the job recorded ``done`` (``scatterbroker.server.jobs_api``).
     """
     return _answer(job.context.http_client.get(f"{_jobs_api(job)}/{job.item['id']}"))
 

@@ -20,7 +20,7 @@ from typing import Hashable
 
 import numpy as np
 
-from .environment import env_number
+from scatterbroker.environment import env_number
 
 __all__ = ["FrameCache", "frames"]
 

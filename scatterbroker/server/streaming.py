@@ -21,7 +21,7 @@ is a replay buffer for subscribers that reconnect, not a history: one that
 falls further behind misses the messages in between, as with Redis's TTL,
 and one message larger than the whole bound is announced but not kept (the
 subscriber skips it, as it skips an expired one). :func:`memory_config`
-turns the ``{"uri": "memory"}`` that :func:`scatterbroker.server.catalog`
+turns the ``{"uri": "memory"}`` that :func:`scatterbroker.server.app.catalog`
 defaults to into this datastore; Redis configs are left as they are.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 import cachetools
 from tiled.server.streaming import TTLCacheDatastore, register_datastore, safe_json_dump
 
-from .environment import env_number
+from scatterbroker.environment import env_number
 
 __all__ = ["DATASTORE", "BoundedMemoryDatastore", "memory_config", "message_bytes"]
 

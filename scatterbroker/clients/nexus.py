@@ -38,7 +38,7 @@ with more than :data:`INLINE_ELEMENTS` elements.
 
 Examples
 --------
->>> from scatterbroker.nexus import nxload, wrap                           # doctest: +SKIP
+>>> from scatterbroker.clients.nexus import nxload, wrap                           # doctest: +SKIP
 >>> wrap("http://host:8000/api/v1/metadata/scans/s1/scan1", "scan1.nxs")    # doctest: +SKIP
 >>> root = nxload("scan1.nxs")  # copied anywhere: data over HTTP  # doctest: +SKIP
 >>> root.entry.data.data[3, 10:20, 10:20].nxdata.sum()                      # doctest: +SKIP
@@ -722,7 +722,7 @@ class _Walker:
                              "(or raise SCATTERBROKER_MAX_NODES)")
 
     def node(self, client: Any, name: str, file_ctx: tuple[str, str] | None) -> Any:
-        from .catalog.uris import global_uri
+        from scatterbroker.catalog.uris import global_uri
 
         uri = global_uri(client)
         self._count(uri)

@@ -10,10 +10,10 @@ node of the catalog, without ever copying large data:
   storage** (Tiled ``write_array``), with its attributes as metadata (plus
   ``value`` for scalars and short arrays, as the NeXus adapter does);
 * every large field, i.e. a placeholder with a global URI (see
-  :mod:`scatterbroker.nexus`) and/or an HDF5 external link, becomes an empty
+  :mod:`scatterbroker.clients.nexus`) and/or an HDF5 external link, becomes an empty
   container with spec ``sb-link`` and metadata ``{"link": {"uri", "shape",
   "dtype", "file", "path"}}``: it keeps pointing at the original data.
-  ``scatterbroker.nexus.nxload(URI)`` and the NeXpy plugin read through it.
+  ``scatterbroker.clients.nexus.nxload(URI)`` and the NeXpy plugin read through it.
 
 Refused, before anything is written:
 
@@ -31,7 +31,7 @@ A failure half-way (network) removes the partly written node again.
 
 Examples
 --------
->>> from scatterbroker.upload import upload                               # doctest: +SKIP
+>>> from scatterbroker.clients.upload import upload                               # doctest: +SKIP
 >>> upload("fit.nxs", "http://host:8000/api/v1/metadata/users/ana/fit1").uri  # doctest: +SKIP
 'http://host:8000/api/v1/metadata/users/ana/fit1'
 """
@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ScatterbrokerError
-from .nexus import LINK_SPEC, node_uri, split_uri
+from scatterbroker.errors import ScatterbrokerError
+from scatterbroker.clients.nexus import LINK_SPEC, node_uri, split_uri
 
 __all__ = ["upload", "plan", "UploadReport", "UploadRefused", "NodeExists",
            "ReadOnlyLocation", "UploadTooLarge", "RAW_PREFIXES", "MAX_UPLOAD_BYTES"]
@@ -126,8 +126,8 @@ def plan(path: str | os.PathLike[str], *, max_bytes: int = MAX_UPLOAD_BYTES
     """
     import h5py
 
-    from .adapters.nexus import _attrs
-    from .catalog.names import check_key
+    from scatterbroker.adapters.nexus import _attrs
+    from scatterbroker.catalog.names import check_key
 
     path = Path(path)
     try:
@@ -218,7 +218,7 @@ def _specs(md: dict[str, Any]) -> list[str]:
 
 
 def _placeholder(group: Any, name: str) -> Any:
-    """The dataset ``name`` if it is a URI placeholder (see scatterbroker.nexus), else None."""
+    """The dataset ``name`` if it is a URI placeholder (see scatterbroker.clients.nexus), else None."""
     import h5py
 
     try:
@@ -250,7 +250,7 @@ def _external(dset: Any) -> bool:
 
 def _link_item(where: tuple[str, ...], ph: Any, *, file: str | None = None,
                path: str | None = None) -> _Item:
-    from .adapters.nexus import _attrs
+    from scatterbroker.adapters.nexus import _attrs
 
     link: dict[str, Any] = {}
     md: dict[str, Any] = {}
@@ -277,7 +277,7 @@ def _link_item(where: tuple[str, ...], ph: Any, *, file: str | None = None,
 def _array_item(where: tuple[str, ...], dset: Any, max_bytes: int, total: list[int]) -> _Item:
     import h5py
 
-    from .adapters.nexus import _attrs, _jsonable
+    from scatterbroker.adapters.nexus import _attrs, _jsonable
 
     label = "/".join(where)
     nbytes = int(dset.size) * max(dset.dtype.itemsize, 1)
@@ -335,8 +335,8 @@ def upload(path: str | os.PathLike[str], target: str, *, node: str | None = None
     from tiled.client.utils import ClientError
     from tiled.structures.core import Spec
 
-    from .catalog.names import check_key
-    from .nexus import RemoteDataError, _probe, _why
+    from scatterbroker.catalog.names import check_key
+    from scatterbroker.clients.nexus import RemoteDataError, _probe, _why
 
     base, where = split_uri(target)
     if node:

@@ -1,9 +1,9 @@
 """NeXpy plugin: a "Catalog" menu to open catalog nodes and register files.
 
 Installed with ``pip install "scatterbroker[nexpy]"``; NeXpy finds it through
-the entry point ``nexpy.plugins`` (``catalog = scatterbroker.nexpy_plugin:plugin_menu``)
+the entry point ``nexpy.plugins`` (``catalog = scatterbroker.clients.nexpy_plugin:plugin_menu``)
 and lists it under File > Manage Plugins, where it is switched on once (or
-put ``scatterbroker.nexpy_plugin = 1`` under ``[plugins]`` in
+put ``scatterbroker.clients.nexpy_plugin = 1`` under ``[plugins]`` in
 ``~/.nexpy/settings.ini``). The menu has:
 
 * **Open from catalog…**: server URL and API key, a tree of the catalog that
@@ -11,15 +11,15 @@ put ``scatterbroker.nexpy_plugin = 1`` under ``[plugins]`` in
   (``sample.temperature > 200 and sample.name == s1``; plain words search the
   full text), and *Open*, which loads the selected node into NeXpy's tree as an
   ``NXroot``: groups, attributes and small fields at once, every large field a
-  :class:`~scatterbroker.nexus.RemoteField` that reads only the slices NeXpy
+  :class:`~scatterbroker.clients.nexus.RemoteField` that reads only the slices NeXpy
   plots (directly from the file when the server's file is reachable here).
 * **Open portable wrapper…**: a wrapper file whose large fields read through
   their global URIs when their external links do not resolve here
-  (:func:`scatterbroker.nexus.nxload`; NeXpy's own File > Open shows them as
+  (:func:`scatterbroker.clients.nexus.nxload`; NeXpy's own File > Open shows them as
   broken links).
 * **Register current file**: uploads the tree selected in NeXpy (its file, or
   the tree saved to a temporary file) as a new catalog node, with links kept
-  as links (:func:`scatterbroker.upload.upload`).
+  as links (:func:`scatterbroker.clients.upload.upload`).
 
 The logic without Qt (:class:`CatalogSession`, :func:`parse_query`,
 :func:`tree_name`) is importable without NeXpy; the dialogs are built on first
@@ -148,12 +148,12 @@ class CatalogSession:
     url
         Server URL, or any node's global URI on it.
     api_key
-        Also registered with :func:`scatterbroker.nexus.set_api_key`, so the
+        Also registered with :func:`scatterbroker.clients.nexus.set_api_key`, so the
         lazily read fields of loaded trees use it.
     """
 
     def __init__(self, url: str, api_key: str | None = None) -> None:
-        from .nexus import _connect, set_api_key, split_uri
+        from scatterbroker.clients.nexus import _connect, set_api_key, split_uri
 
         self.base, self.start = split_uri(url.strip())
         if not self.base.startswith(("http://", "https://")):
@@ -168,7 +168,7 @@ class CatalogSession:
 
     def children(self, path: str = "", query: str = "") -> list[Row]:
         """The children of ``path`` (those matching ``query``, see :func:`parse_query`)."""
-        from .catalog.uris import global_uri
+        from scatterbroker.catalog.uris import global_uri
 
         node = self.node(path)
         if getattr(node.structure_family, "value", node.structure_family) != "container":
@@ -192,19 +192,19 @@ class CatalogSession:
         return rows
 
     def uri(self, path: str) -> str:
-        from .nexus import node_uri
+        from scatterbroker.clients.nexus import node_uri
 
         return node_uri(self.base, path)
 
     def load(self, path: str, *, local: bool = True) -> Any:
         """The node at ``path`` as an NXroot (or NXfield), large fields lazy."""
-        from .nexus import load_remote
+        from scatterbroker.clients.nexus import load_remote
 
         return load_remote(self.uri(path), api_key=self.api_key, local=local)
 
     def register(self, source: Any, path: str) -> Any:
         """Upload ``source`` (a NeXus file, or an NXroot) as the new node ``path``."""
-        from .upload import upload
+        from scatterbroker.clients.upload import upload
 
         file, tmp = _as_file(source)
         try:
@@ -263,7 +263,7 @@ def open_wrapper(*_: Any, path: str | os.PathLike[str] | None = None) -> str | N
     """Menu action "Open portable wrapper…": a file dialog, then nxload into the tree."""
     from nexpy.gui.utils import get_mainwindow
 
-    from .nexus import nxload
+    from scatterbroker.clients.nexus import nxload
 
     mainwindow = get_mainwindow()
     if path is None:

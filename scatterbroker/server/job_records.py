@@ -11,9 +11,9 @@ another proposal's data the next time somebody listed jobs. So:
   metadata, delete, add a data source) is refused with 403 unless it comes from
   this module (:data:`SERVER_WRITE`, set only around the server's own writes;
   checked by :func:`refuse_generic_write`, which :func:`install` puts in front
-  of Tiled's catalog writes for the catalogs ``scatterbroker.server`` builds);
+  of Tiled's catalog writes for the catalogs ``scatterbroker.server.app`` builds);
   creating the empty ``/jobs`` container itself stays allowed (``keys issue``);
-* the jobs API (``scatterbroker.jobs_api``) validates what it records: the
+* the jobs API (``scatterbroker.server.jobs_api``) validates what it records: the
   proposal and owner come from the submitter's inputs and key, and a
   ``partial_product``/``product`` must lie under ``reduced/`` and, for an owner
   restricted to proposals, under one of theirs (:func:`check_product_path`);
@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Optional
 
-from .errors import ScatterbrokerError
+from scatterbroker.errors import ScatterbrokerError
 
 #: True only while the server writes a job record itself (see module doc)
 SERVER_WRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("scatterbroker_job_record_write",

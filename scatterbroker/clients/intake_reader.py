@@ -5,8 +5,8 @@ registers :class:`ScatterbrokerNeXus` next to intake's own Tiled readers:
 
 * ``ScatterbrokerNeXus`` (this module) reads a :class:`ScatterbrokerNode`
   (or intake's ``TiledDataset``) into a ``nexusformat`` ``NXroot`` through
-  :func:`scatterbroker.nexus.nxload`: groups, attributes and small fields
-  read at once, large fields lazy (:class:`~scatterbroker.nexus.RemoteField`);
+  :func:`scatterbroker.clients.nexus.nxload`: groups, attributes and small fields
+  read at once, large fields lazy (:class:`~scatterbroker.clients.nexus.RemoteField`);
 * intake's ``TiledClient`` reads the same data type into a Tiled client node,
   whose specs carry the NX_class (``read(as_client=False)`` gives numpy).
 
@@ -16,7 +16,7 @@ Readers go into intake catalogs (YAML) by URI only: the API key comes from
 
 Examples
 --------
->>> from scatterbroker.intake_reader import open_node                       # doctest: +SKIP
+>>> from scatterbroker.clients.intake_reader import open_node                       # doctest: +SKIP
 >>> root = open_node("http://host:8000/api/v1/metadata/scans/s1/scan1").read()  # doctest: +SKIP
 >>> root.entry.data.data[0].shape                                           # doctest: +SKIP
 (1679, 1475)
@@ -44,10 +44,10 @@ class ScatterbrokerNeXus(BaseReader):
     implements = {TiledDataset}
     imports = {"nexusformat", "tiled"}
     output_instance = "nexusformat.nexus.tree:NXroot"
-    func = "scatterbroker.nexus:nxload"
+    func = "scatterbroker.clients.nexus:nxload"
 
     def _read(self, data: Any, **kwargs: Any) -> Any:
-        from .nexus import nxload
+        from scatterbroker.clients.nexus import nxload
 
         options = {**(data.options or {}), **kwargs}
         return nxload(data.url, api_key=options.get("api_key"),

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from . import limits
-from .errors import RequestTooLarge, UnreadableFile
+from scatterbroker import limits
+from scatterbroker.errors import RequestTooLarge, UnreadableFile
 
 __all__ = ["decode", "CorruptSection"]
 

@@ -7,7 +7,7 @@ A facility catalog is laid out by proposal (DESIGN.md §3)::
 
 API keys are Tiled's (multi-user mode: hashed in the authentication database,
 each with its own scopes). A key issued with access tags — the proposals it
-belongs to, see :mod:`scatterbroker.keys` — is *restricted*: it sees
+belongs to, see :mod:`scatterbroker.server.keys` — is *restricted*: it sees
 
 - the nodes of its proposals and everything below them,
 - the containers above them (``/``, ``/raw`` …), read-only, for navigation,
@@ -46,12 +46,12 @@ from tiled.queries import In
 PROPOSAL_TREES = ("raw", "scans", "reduced", "wrappers")
 #: top-level container of job records (each with metadata ``job.proposal``)
 JOBS_TREE = "jobs"
-#: metadata key of a job record naming its proposal (set by the jobs API, scatterbroker.jobs_api)
+#: metadata key of a job record naming its proposal (set by the jobs API, scatterbroker.server.jobs_api)
 JOB_PROPOSAL_KEY = "job.proposal"
 #: what a restricted key may do on the containers above its proposals
 READ_SCOPES = frozenset(PUBLIC_SCOPES)
 #: ... and on /jobs: job records are written by the server's jobs API only
-#: (scatterbroker.job_records), never by a key through the generic write routes
+#: (scatterbroker.server.job_records), never by a key through the generic write routes
 JOBS_SCOPES = READ_SCOPES
 ROOT_ID = 0  # Tiled's catalog root row
 
@@ -114,7 +114,7 @@ class ProposalAccessPolicy(AccessPolicy):
     Configured in the server config::
 
         access_control:
-          access_policy: scatterbroker.access:ProposalAccessPolicy
+          access_policy: scatterbroker.server.access:ProposalAccessPolicy
           args: {}
     """
 

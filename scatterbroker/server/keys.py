@@ -3,7 +3,7 @@
 The facility profile (``server_config/facility.yml``) runs Tiled in multi-user
 mode: keys live, hashed, in Tiled's authentication database, each with its own
 scopes and, for proposal keys, the proposals it may see (Tiled "access tags",
-enforced by :class:`scatterbroker.access.ProposalAccessPolicy`).
+enforced by :class:`scatterbroker.server.access.ProposalAccessPolicy`).
 
 Bootstrap, once per server: the administrator logs in with the password from
 ``$SCATTERBROKER_ADMIN_PASSWORD`` (or the facility's PAM/OIDC provider) and gets
@@ -25,8 +25,8 @@ from typing import Literal, Optional
 
 import httpx
 
-from .access import JOBS_TREE, PROPOSAL_TREES
-from .catalog.names import check_key
+from scatterbroker.server.access import JOBS_TREE, PROPOSAL_TREES
+from scatterbroker.catalog.names import check_key
 
 Access = Literal["read", "write", "admin"]
 

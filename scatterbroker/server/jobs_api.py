@@ -10,7 +10,7 @@ With ``"run": false`` the record is only filed, for the caller to run the job
 (``reduction.jobs.run``), which reports through ``PATCH /api/v1/jobs/{id}``.
 ``GET /api/v1/jobs/{id}`` and ``GET /api/v1/jobs`` report records.
 
-Records are the server's (:mod:`scatterbroker.job_records`): this module writes
+Records are the server's (:mod:`scatterbroker.server.job_records`): this module writes
 them in-process, after checking what goes in them; Tiled's generic write routes
 refuse ``/jobs``. Clean-up of an interrupted job's product acts within the
 job owner's proposals, whoever lists the jobs.
@@ -18,7 +18,7 @@ job owner's proposals, whoever lists the jobs.
 The server reaches itself (the job's Tiled client, minting keys) at the socket
 address the request arrived on, never at the ``Host:`` the caller sent, and a
 job reads only from this server and the peers the operator allows
-(:func:`scatterbroker.job_inputs.normalize`).
+(:func:`scatterbroker.server.job_inputs.normalize`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import httpx
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Security
 from tiled.server.authentication import check_scopes, get_current_principal
 
-from . import job_inputs, job_records
-from .catalog.uris import global_uri
+from scatterbroker.server import job_inputs, job_records
 
 router = APIRouter(prefix="/jobs", tags=["scatterbroker jobs"])
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -124,7 +123,7 @@ def _writable_directories(request: Request) -> list[str]:
 
 
 def _mark_written(request: Request) -> None:
-    """Tell the read caches (scatterbroker.write_log) that job records or products changed."""
+    """Tell the read caches (scatterbroker.server.write_log) that job records or products changed."""
     log = getattr(request.app.state, "write_log", None)
     if log is not None:
         log.mark(None)
@@ -135,7 +134,7 @@ async def _owner_proposals(request: Request) -> Optional[list[str]]:
     policy = getattr(request.app.state, "access_policy", None)
     if policy is None or not hasattr(policy, "proposals"):
         return None
-    from .fastpath import _authorize
+    from scatterbroker.server.fastpath import _authorize
 
     auth = await _authorize(request, ["read:metadata"])
     proposals = policy.proposals(auth.principal, auth.access_tags, auth.scopes)
@@ -147,7 +146,7 @@ async def _visible_record(request: Request, job_id: str, scopes: list[str]) -> d
     the caller's credentials and the access policy), else 404."""
     from tiled.server.dependencies import get_entry
 
-    from .fastpath import _authorize
+    from scatterbroker.server.fastpath import _authorize
 
     if not _JOB_ID.fullmatch(job_id):
         raise HTTPException(404, f"no job {job_id!r}")
@@ -166,7 +165,7 @@ async def _visible_record(request: Request, job_id: str, scopes: list[str]) -> d
 
 
 def jobs_tree() -> str:
-    from .reduction.jobs import JOBS
+    from scatterbroker.server.jobs import JOBS
 
     return JOBS
 
@@ -179,9 +178,9 @@ async def submit_job(
     _=Security(check_scopes, scopes=["write:data", "write:metadata"]),
 ):
     """File a job (the server writes its record) and, unless ``"run": false``, run it here."""
-    from .reduction import jobs
-    from .access import proposal_of
-    from .errors import ScatterbrokerError
+    from scatterbroker.server import jobs
+    from scatterbroker.server.access import proposal_of
+    from scatterbroker.errors import ScatterbrokerError
 
     api_key, minted = _caller_key(request), False
     if api_key is None and _bearer(request):
@@ -230,7 +229,7 @@ async def submit_job(
             await anyio.to_thread.run_sync(_revoke, request, api_key)
         raise HTTPException(err.status_code, str(err)) from None
     # the inputs this server holds, looked up with the submitter's credentials, so the
-    # job reads their frames without HTTP (scatterbroker.job_inputs); before the record
+    # job reads their frames without HTTP (scatterbroker.server.job_inputs); before the record
     # exists, whose first heartbeat must be followed promptly by the job's own
     local = await job_inputs.resolve(request, inputs) if body.get("run", True) else {}
     job_id = record["id"]
@@ -269,7 +268,7 @@ MAX_ERROR_CHARS = 8000
 def _checked_changes(changes: Any, record: dict[str, Any]) -> dict[str, Any]:
     """The runner's changes to ``record`` if acceptable (422 naming the field otherwise):
     product paths only where the job's owner may write (job_records.check_product_path)."""
-    from .reduction.jobs import JobError, node_path
+    from scatterbroker.server.jobs import JobError, node_path
 
     if not isinstance(changes, dict) or not changes:
         raise JobError("send a JSON object of the record's fields to change")
@@ -301,7 +300,7 @@ async def update_job(request: Request, job_id: str, body: dict[str, Any] = Body(
                      principal=Depends(get_current_principal),
                      _=Security(check_scopes, scopes=["write:metadata"])):
     """A job's runner reports (state, heartbeat, product); the server checks and records it."""
-    from .errors import ScatterbrokerError
+    from scatterbroker.errors import ScatterbrokerError
 
     record = await _visible_record(request, job_id, ["write:metadata"])
     try:
@@ -321,7 +320,7 @@ async def _status(request: Request, record: dict[str, Any]) -> dict[str, Any]:
     half-written product it names is deleted -- only a node of this job, under
     ``reduced/`` within the owner's proposals (job_records.remove_partial), with
     the server's own access, whoever asks."""
-    from .reduction import jobs
+    from scatterbroker.server import jobs
 
     tree = request.app.state.root_tree
     changes = jobs.stale_changes(record)
@@ -354,7 +353,7 @@ async def get_job(request: Request, job_id: str, principal=Depends(get_current_p
 @router.get("")
 async def list_all(request: Request, principal=Depends(get_current_principal),
                    _=Security(check_scopes, scopes=["read:metadata"])):
-    from .reduction import jobs
+    from scatterbroker.server import jobs
 
     client = await anyio.to_thread.run_sync(_client, request, _caller_key(request), _bearer(request))
 

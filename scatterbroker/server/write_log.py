@@ -1,9 +1,9 @@
 """Which catalog nodes this process has seen written, and when: the clock of its read caches.
 
 The server keeps two things it would otherwise compute again on every read:
-answers of Tiled's read routes (:mod:`scatterbroker.response_cache`) and the
+answers of Tiled's read routes (:mod:`scatterbroker.server.response_cache`) and the
 nodes Tiled's ``get_entry`` found by walking the catalog
-(:mod:`scatterbroker.entry_cache`). Both are right only until a write touches
+(:mod:`scatterbroker.server.entry_cache`). Both are right only until a write touches
 what they hold. :class:`WriteMarks`, an ASGI middleware in front of Tiled's
 app, marks the node path of every request that is not a ``GET``, ``HEAD`` or
 ``OPTIONS`` in a :class:`WriteLog`, once when it arrives and once when it
@@ -14,7 +14,7 @@ request that made it started, and asks :meth:`WriteLog.changed_since`.
 
 A write whose node cannot be told from its URL (``/jobs``, ``/auth``, ...)
 counts as a write everywhere. Only writes through this process are seen: the
-caches are for one-process servers (see :func:`scatterbroker.server.build_app`).
+caches are for one-process servers (see :func:`scatterbroker.server.app.build_app`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
-from .environment import env_flag, env_number
+from scatterbroker.environment import env_flag, env_number
 
 __all__ = ["API", "KINDS", "NODE_ROUTES", "REACHES", "WriteLog", "WriteMarks", "ancestors", "cache_ttl",
            "enabled_by_default", "forget_expired", "node_path", "split_node_route", "write_kind"]

@@ -59,9 +59,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..adapters.roots import Roots, confine, is_inside, normalize_roots, shown
-from ..errors import BrokenLink, InvalidMetadata, OutsideRoots, RefusedAsset, ScatterbrokerError
-from .names import check_key
+from scatterbroker.adapters.roots import Roots, confine, is_inside, normalize_roots, shown
+from scatterbroker.errors import BrokenLink, InvalidMetadata, OutsideRoots, RefusedAsset, ScatterbrokerError
+from scatterbroker.catalog.names import check_key
 
 _ATTRIBUTE = "_scatterbroker_roots"
 _WRITABLE = "_scatterbroker_writable"

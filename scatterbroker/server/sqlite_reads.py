@@ -46,7 +46,7 @@ import re
 import sqlite3
 from typing import Any
 
-from .environment import env_flag
+from scatterbroker.environment import env_flag
 
 #: sqlite3 methods run on the loop, by the class they are bound to (execute: reads only)
 ON_LOOP = {sqlite3.Cursor: {"execute", "fetchone", "fetchmany", "fetchall", "close"},
