@@ -55,7 +55,6 @@ import functools
 import glob
 import os
 import re
-import struct
 import threading
 import time
 import zlib
@@ -68,6 +67,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import bitshuffle
 from ..adapters.sequence import Template, stack_structure
 from ..errors import ScatterbrokerError
 
@@ -176,10 +176,10 @@ class BitshuffleLZ4(Codec):
         return dict(hdf5plugin.Bitshuffle(cname="lz4"))
 
     def encode(self, frame: np.ndarray) -> tuple[int, bytes]:
-        lib = _bitshuffle_lib()
-        if lib is None:
+        chunk = bitshuffle.compress_lz4(frame, probe=lambda f: _encode_with_hdf5(f, self.filters())[1])
+        if chunk is None:
             return super().encode(frame)
-        return 0, _bitshuffle_lz4(lib, frame)
+        return 0, chunk
 
 
 class Zstd(Codec):
@@ -230,59 +230,6 @@ def _encode_with_hdf5(frame: np.ndarray, filters: dict[str, Any]) -> tuple[int, 
     return mask, bytes(data)
 
 
-@functools.lru_cache(maxsize=1)
-def _bitshuffle_lib():
-    """ctypes handle on the bitshuffle library shipped in hdf5plugin, or None.
-
-    The handle is used only if its output is byte-identical to the HDF5
-    filter's on a probe frame, so a change inside hdf5plugin falls back to the
-    (slower, always correct) in-memory filter path instead of writing bad chunks.
-    """
-    try:
-        import ctypes
-
-        import hdf5plugin
-
-        path = hdf5plugin.get_config().registered_filters.get("bshuf")
-        if not path:
-            return None
-        lib = ctypes.CDLL(path)
-        lib.bshuf_compress_lz4.restype = ctypes.c_int64
-        lib.bshuf_compress_lz4.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_size_t] * 3
-        lib.bshuf_compress_lz4_bound.restype = ctypes.c_size_t
-        lib.bshuf_compress_lz4_bound.argtypes = [ctypes.c_size_t] * 3
-        lib.bshuf_default_block_size.restype = ctypes.c_size_t
-        lib.bshuf_default_block_size.argtypes = [ctypes.c_size_t]
-        filters = dict(hdf5plugin.Bitshuffle(cname="lz4"))
-        rng = np.random.default_rng(0)
-        for dtype in ("int32", "uint16", "float32", "int64"):
-            probe = rng.poisson(1.0, (7, 1001)).astype(dtype)
-            probe[3, 5] = 70000 if dtype != "uint16" else 60000
-            if _bitshuffle_lz4(lib, probe) != _encode_with_hdf5(probe, filters)[1]:
-                return None
-        return lib
-    except Exception:  # no library, no symbol, different framing: use the filter
-        return None
-
-
-_scratch = threading.local()
-
-
-def _bitshuffle_lz4(lib, frame: np.ndarray) -> bytes:
-    frame = np.ascontiguousarray(frame)
-    size, itemsize = frame.size, frame.itemsize
-    block = lib.bshuf_default_block_size(itemsize)
-    need = 12 + lib.bshuf_compress_lz4_bound(size, itemsize, block)
-    # One output buffer per thread, reused: a fresh one per frame made the heap
-    # shrink and regrow, ~5,000 page faults (a third of the CPU time) per 6M frame.
-    out = getattr(_scratch, "buffer", None)
-    if out is None or out.size < need:
-        out = _scratch.buffer = np.empty(need, dtype=np.uint8)
-    n = lib.bshuf_compress_lz4(frame.ctypes.data, out.ctypes.data + 12, size, itemsize, block)
-    if n < 0:
-        raise RuntimeError(f"bitshuffle compression failed (error {n})")
-    out[:12] = np.frombuffer(struct.pack(">QI", frame.nbytes, block * itemsize), dtype=np.uint8)
-    return out[: 12 + n].tobytes()
 
 
 # --------------------------------------------------------------------- report
@@ -610,7 +557,6 @@ def _executor(workers: int, n_tasks: int) -> Iterator[tuple[Executor | None, str
 
 def _mp_context():
     import multiprocessing
-    import threading
 
     method = MP_START
     if method is None and "fork" in multiprocessing.get_all_start_methods():

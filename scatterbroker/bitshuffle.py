@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["available", "decoded_size", "decode_into", "BadChunk"]
+__all__ = ["available", "decoded_size", "decode_into", "BadChunk", "compress_lz4"]
 
 
 class BadChunk(ValueError):
@@ -189,3 +192,74 @@ def decode_into(chunk: bytes | memoryview | np.ndarray, out: np.ndarray, itemsiz
         code = _kernel()(src, dest, tmp, int(itemsize), block_bytes // int(itemsize))
     if code < 0:
         raise BadChunk(f"corrupt Bitshuffle-LZ4 chunk: it {_ERRORS.get(code, f'failed ({code})')}")
+
+
+# ------------------------------------------------------------------ compression
+
+
+@functools.lru_cache(maxsize=1)
+def _compressor() -> Any:
+    """The library with ``bshuf_compress_lz4`` and its bound, or None."""
+    try:
+        import hdf5plugin
+
+        lib = ctypes.CDLL(hdf5plugin.get_config().registered_filters.get("bshuf"))
+        lib.bshuf_compress_lz4.restype = ctypes.c_int64
+        lib.bshuf_compress_lz4.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_size_t] * 3
+        lib.bshuf_compress_lz4_bound.restype = ctypes.c_size_t
+        lib.bshuf_compress_lz4_bound.argtypes = [ctypes.c_size_t] * 3
+        lib.bshuf_default_block_size.restype = ctypes.c_size_t
+        lib.bshuf_default_block_size.argtypes = [ctypes.c_size_t]
+        return lib
+    except Exception:  # no library, no symbol
+        return None
+
+
+_verdict: dict[str, bool] = {}
+_verdict_lock = threading.Lock()
+_scratch = threading.local()
+
+
+def compress_lz4(frame: np.ndarray, probe: Callable[[np.ndarray], bytes]) -> bytes | None:
+    """One frame as a stored Bitshuffle-LZ4 HDF5 chunk (header included), or None.
+
+    ``probe(frame)`` must give the HDF5 filter's own chunk for a frame (the
+    stacker passes an in-memory HDF5 write). The library is used only if its
+    output is byte-identical to the filter's on probe frames of four dtypes,
+    checked once per process, so a change inside hdf5plugin falls back to the
+    (slower, always correct) filter path instead of writing bad chunks; None
+    tells the caller to take that path.
+    """
+    lib = _compressor()
+    if lib is None:
+        return None
+    with _verdict_lock:
+        usable = _verdict.get("usable")
+        if usable is None:
+            rng = np.random.default_rng(0)
+            usable = True
+            for dtype in ("int32", "uint16", "float32", "int64"):
+                sample = rng.poisson(1.0, (7, 1001)).astype(dtype)
+                sample[3, 5] = 70000 if dtype != "uint16" else 60000
+                if _compress(lib, sample) != probe(sample):
+                    usable = False
+                    break
+            _verdict["usable"] = usable
+    return _compress(lib, frame) if usable else None
+
+
+def _compress(lib: Any, frame: np.ndarray) -> bytes:
+    frame = np.ascontiguousarray(frame)
+    size, itemsize = frame.size, frame.itemsize
+    block = lib.bshuf_default_block_size(itemsize)
+    need = 12 + lib.bshuf_compress_lz4_bound(size, itemsize, block)
+    # One output buffer per thread, reused: a fresh one per frame made the heap
+    # shrink and regrow, ~5,000 page faults (a third of the CPU time) per 6M frame.
+    out = getattr(_scratch, "buffer", None)
+    if out is None or out.size < need:
+        out = _scratch.buffer = np.empty(need, dtype=np.uint8)
+    n = lib.bshuf_compress_lz4(frame.ctypes.data, out.ctypes.data + 12, size, itemsize, block)
+    if n < 0:
+        raise RuntimeError(f"bitshuffle compression failed (error {n})")
+    out[:12] = np.frombuffer(struct.pack(">QI", frame.nbytes, block * itemsize), dtype=np.uint8)
+    return out[: 12 + n].tobytes()
