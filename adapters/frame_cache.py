@@ -14,52 +14,33 @@ rewritten is decoded afresh; kept frames are read-only arrays.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Hashable
 
 import numpy as np
 
+from scatterbroker.caches import LRU
 from scatterbroker.environment import env_number
 
 __all__ = ["FrameCache", "frames"]
 
 
 class FrameCache:
-    """A thread-safe LRU of numpy arrays bounded by their total bytes (``max_bytes``)."""
+    """Decoded frames (numpy arrays) kept up to ``max_bytes`` in all, least recently used
+    first out (:class:`scatterbroker.caches.LRU` bounded by ``nbytes``)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
-        self._frames: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.stats = {"hit": 0, "miss": 0}
+        self._frames: LRU[np.ndarray] = LRU(self.max_bytes, sizeof=lambda a: a.nbytes)
+        self.stats = self._frames.stats
 
     def get(self, key: Hashable) -> np.ndarray | None:
         """The frame kept under ``key`` (read-only), or None."""
-        with self._lock:
-            frame = self._frames.get(key)
-            if frame is None:
-                self.stats["miss"] += 1
-                return None
-            self._frames.move_to_end(key)
-            self.stats["hit"] += 1
-            return frame
+        return self._frames.get(key)
 
     def put(self, key: Hashable, frame: np.ndarray) -> np.ndarray:
         """Keep ``frame`` (made read-only) under ``key`` if it fits; return it."""
         frame.setflags(write=False)
-        if frame.nbytes > self.max_bytes:
-            return frame
-        with self._lock:
-            old = self._frames.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._frames[key] = frame
-            self._bytes += frame.nbytes
-            while self._bytes > self.max_bytes:
-                _, dropped = self._frames.popitem(last=False)
-                self._bytes -= dropped.nbytes
+        self._frames.put(key, frame)
         return frame
 
 

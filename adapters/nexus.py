@@ -36,7 +36,6 @@ import math
 import os
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from tiled.utils import IndexersMixin, path_from_uri
 
 from ..errors import BrokenLink, OutsideRoots, RequestTooLarge, ScatterbrokerError, UnreadableFile
 from .. import limits
+from ..caches import LRU
 from . import hdf5_chunks
 from .roots import Roots, confine, file_stamp, normalize_roots, note_read
 from . import sequence as _sequence  # its MAX_READ_BYTES: one limit for every read
@@ -92,12 +92,12 @@ AnyNode = Union["NexusAdapter", "NexusField", "NexusErrorNode"]
 
 
 class _OpenFiles:
-    """Bounded LRU of read-only ``h5py.File`` handles keyed by real path."""
+    """Bounded LRU of read-only ``h5py.File`` handles keyed by real path, each found
+    again only while the file's stamp is the one it was opened with."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = max(1, maxsize)
-        self._lock = threading.Lock()
-        self._files: OrderedDict[str, tuple[tuple[int, ...], h5py.File]] = OrderedDict()
+        self._files: LRU[h5py.File] = LRU(self.maxsize)
 
     @staticmethod
     def stamp(path: Path) -> tuple[int, ...]:
@@ -110,27 +110,21 @@ class _OpenFiles:
 
     def get(self, path: Path) -> h5py.File:
         stamp, key = self.stamp(path), str(path)
-        with self._lock:
-            hit = self._files.get(key)
-            if hit is not None and hit[0] == stamp:
-                self._files.move_to_end(key)
-                return hit[1]
-            self._files.pop(key, None)  # changed on disk: drop the stale handle
+        handle = self._files.get(key, stamp=stamp)  # changed on disk: the stale one is dropped
+        if handle is not None:
+            return handle
         try:
             handle = h5py.File(path, "r", locking=LOCKING)
         except Exception as err:  # OSError for truncated/not-HDF5, others for odd files
             raise UnreadableFile(f"{path}: not a readable HDF5 file ({err})") from None
-        with self._lock:
-            self._files[key] = (stamp, handle)
-            while len(self._files) > self.maxsize:
-                self._files.popitem(last=False)
+        self._files.put(key, handle, stamp=stamp)
         return handle
 
 
 _files = _OpenFiles(OPEN_FILES)
-_verdicts: OrderedDict[tuple, ScatterbrokerError | None] = OrderedDict()
-_verdicts_lock = threading.Lock()
-_layouts: OrderedDict[tuple, bool] = OrderedDict()  # dataset -> has VDS/external storage
+#: (roots, location, file stamp) of datasets with neither virtual nor external storage
+_plain: LRU[bool] = LRU(4096)
+_layouts: LRU[bool] = LRU(4096)  # dataset -> has VDS/external storage
 _dapl_lock = threading.Lock()
 _dapl: Any = None
 
@@ -164,10 +158,7 @@ def _open_member(group: h5py.Group, name: str, key: tuple | None = None) -> Any:
         dcpl = obj.id.get_create_plist()
         special = dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count() > 0
         if key is not None:
-            with _verdicts_lock:
-                _layouts[key] = special
-                while len(_layouts) > 4096:
-                    _layouts.popitem(last=False)
+            _layouts.put(key, special)
         if not special:
             return obj
         del obj, dcpl  # close it before reopening with other access properties
@@ -267,17 +258,13 @@ class _Context:
         roots) without this file changing.
         """
         key = (self.roots, loc, _files.stamp(loc.file))
-        with _verdicts_lock:
-            if key in _verdicts:
-                return
+        if _plain.get(key):
+            return
         dcpl = dset.id.get_create_plist()
         if dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count() > 0:
             self._check_storage(loc, dset)
             return
-        with _verdicts_lock:
-            _verdicts[key] = None
-            while len(_verdicts) > 4096:
-                _verdicts.popitem(last=False)
+        _plain.put(key, True)
 
     def _check_storage(self, loc: _Loc, dset: h5py.Dataset) -> None:
         dcpl = dset.id.get_create_plist()

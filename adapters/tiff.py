@@ -24,7 +24,6 @@ import math
 import os
 import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from ndindex import ndindex
 from tiled.structures.array import ArrayStructure, BuiltinDtype
 
 from .. import limits
+from ..caches import LRU
 from ..errors import FrameMismatch, IncompleteFile, RequestTooLarge, UnreadableFile
 from .minicbf import CBFHeader, parse_text_header
 from .roots import file_stamp
@@ -273,17 +273,13 @@ class _OpenTiffs:
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = max(1, maxsize)
-        self._lock = threading.Lock()
-        self._files: OrderedDict[str, tuple] = OrderedDict()
+        self._files: LRU[tuple] = LRU(self.maxsize)  # path -> (stamp, TiffFile, its lock)
 
     @contextmanager
     def open(self, path: Path) -> Iterator[Any]:
         """A validated ``TiffFile`` of ``path``, for this thread alone while in use."""
         stamp = file_stamp(os.stat(path))
-        with self._lock:
-            hit = self._files.get(str(path))
-            if hit is not None and hit[0] == stamp:
-                self._files.move_to_end(str(path))
+        hit = self._files.get(str(path))
         if hit is None or hit[0] != stamp:
             tif = _open(path)
             if len(tif.pages) == 1:
@@ -293,13 +289,7 @@ class _OpenTiffs:
                     tif.close()
                 return
             hit = (stamp, tif, threading.Lock())
-            with self._lock:
-                old = self._files.pop(str(path), None)
-                self._files[str(path)] = hit
-                evicted = [old] if old else []
-                while len(self._files) > self.maxsize:
-                    evicted.append(self._files.popitem(last=False)[1])
-            for _stamp, handle, lock in evicted:
+            for _stamp, handle, lock in self._files.put(str(path), hit):  # evicted or replaced
                 with lock:
                     handle.close()
         _stamp, tif, lock = hit
