@@ -44,7 +44,9 @@ missing frames. Two files claiming the same frame number are refused
 The file is written as ``.NAME.part`` beside ``NAME`` and renamed over it only
 when complete (after ``fsync``); on any failure, including a full disk
 (:class:`DiskFull`), the partial file is removed and an existing ``NAME`` is
-left untouched. Input files are only ever opened for reading.
+left untouched. Input files are only ever opened for reading, and ``NAME`` may
+not be one of them. (All of this is :func:`.nexus_file.new_nexus_file`, the
+one writer every NeXus file of scatterbroker goes through.)
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ import numpy as np
 from .. import bitshuffle
 from ..adapters.sequence import Template, stack_structure
 from ..errors import ScatterbrokerError
+from .nexus_file import new_nexus_file
 
 __all__ = [
     "CODECS", "BitshuffleLZ4", "Codec", "DiskFull", "DuplicateFrames", "Gzip", "LZ4",
@@ -778,9 +781,6 @@ def _stack(
         raise StackError(f"{out} is a directory; give the scan file's name")
     if not out.parent.is_dir():
         raise StackError(f"{out.parent} does not exist")
-    inputs = {os.path.realpath(s.path) for s in slots if s.path is not None}
-    if os.path.realpath(out) in inputs:
-        raise StackError(f"{out} is one of the input frames; raw files are never written")
     n = len(slots)
     if angles is not None and len(angles) != n:
         raise ValueError(f"{len(angles)} angles for {n} frames (frame numbers {slots[0].number}..{slots[-1].number})")
@@ -795,14 +795,14 @@ def _stack(
     tasks = [(i, str(s.path)) for i, s in enumerate(slots) if s.path is not None]
     report = StackReport(out, n, tuple(shape), out_dtype.name, codec.name)
     fill = _fill_value(out_dtype)
-    tmp = out.with_name(f".{out.name}.part")
     existed = out.exists()
-    if progress:
-        progress(0, n)
-        if missing:
-            progress(len(missing), n)
     try:
-        with h5py.File(tmp, "w") as f:
+        with new_nexus_file(out, inputs=[s.path for s in slots if s.path is not None],
+                            error=StackError) as f:
+            if progress:
+                progress(0, n)
+                if missing:
+                    progress(len(missing), n)
             f.attrs["NX_class"] = "NXroot"
             f.attrs["creator"] = "scatterbroker"
             entry = f.create_group("entry")
@@ -873,17 +873,11 @@ def _stack(
                 data.attrs["rotation_angle_indices"] = 0
                 axis = "rotation_angle"
             data.attrs["axes"] = [axis, ".", "."]
-        with open(tmp, "rb") as fh:  # make the data durable before it replaces anything
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
     except (OSError, RuntimeError) as err:
         full = _disk_full(err, out, existed)
         if full is not None:
             raise full from err
         raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     report.bytes_raw = report.written * int(np.prod(shape)) * source.itemsize
     report.bytes_out = out.stat().st_size
     report.seconds = time.perf_counter() - t0
@@ -962,15 +956,12 @@ def write_scan(
     codec
         One of ``CODECS``.
     """
-    import h5py
-
     filters = parse_codec(codec).filters()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
     n = len(frames)
     first = np.asarray(frames[0])
     try:
-        with h5py.File(tmp, "w") as f:
+        with new_nexus_file(path) as f:
             f.attrs["NX_class"] = "NXroot"
             f.attrs["creator"] = "scatterbroker"
             entry = f.create_group("entry")
@@ -1001,14 +992,11 @@ def write_scan(
             if angles is not None:
                 data[axis].attrs["units"] = "deg"
             data.attrs["axes"] = [axis, ".", "."]
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         full = _disk_full(err, path, path.exists())
         if full is not None:
             raise full from err
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

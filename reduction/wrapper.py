@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .nexus_file import new_nexus_file
 from .stack import _write_tree
 
 
@@ -25,13 +26,14 @@ def write_wrapper(
 
     The link target is stored relative to the wrapper's directory when
     ``relative`` (so a wrapper and its scan file can move together), else absolute.
+    Written through :func:`~scatterbroker.reduction.nexus_file.new_nexus_file`:
+    complete or not at all, never over the scan file itself.
     """
     import h5py
 
     path, scan_file = Path(path), Path(scan_file)
     target = os.path.relpath(scan_file, path.parent) if relative else str(scan_file.resolve())
-    tmp = path.with_name(f".{path.name}.part")
-    with h5py.File(tmp, "w") as f:
+    with new_nexus_file(path, inputs=[scan_file]) as f:
         f.attrs["NX_class"] = "NXroot"
         f.attrs["creator"] = "scatterbroker"
         entry = f.create_group("entry")
@@ -47,5 +49,4 @@ def write_wrapper(
                     data[name] = scan["entry/data"][name][()]
                     data[name].attrs.update(scan["entry/data"][name].attrs)
             data.attrs["axes"] = scan["entry/data"].attrs.get("axes", [])
-    os.replace(tmp, path)
     return path

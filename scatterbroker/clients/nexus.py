@@ -60,6 +60,8 @@ import numpy as np
 from nexusformat.nexus import tree as _nx
 from nexusformat.nexus.tree import NeXusError, NXfield, NXgroup, NXlink, NXroot
 
+from scatterbroker.reduction.nexus_file import new_nexus_file
+
 __all__ = [
     "nxload", "load_remote", "wrap", "WrapReport", "RemoteField", "RemoteDataError",
     "set_api_key", "is_large", "split_uri", "INLINE_BYTES", "INLINE_ELEMENTS",
@@ -936,41 +938,44 @@ def wrap(uri: str, out: str | os.PathLike[str], *, api_key: str | None = None,
     inline. Each large field gets an HDF5 external link to the server's file
     (relative to ``out``'s directory when ``relative``, else absolute), when
     there is one, and a placeholder holding its global URI, shape, dtype and
-    units. ``out`` is written under a temporary name and renamed when complete.
+    units. ``out`` is written under a temporary name and renamed when complete
+    (:func:`~scatterbroker.reduction.nexus_file.new_nexus_file`), never over a
+    file it links to.
 
     Examples
     --------
     >>> wrap("http://host:8000/api/v1/metadata/scans/s1/scan1", "scan1.nxs").summary()  # doctest: +SKIP
     'scan1.nxs: 6 groups, 9 small fields inline, 1 large fields linked ...'
     """
-    import h5py
-
     out = Path(out)
     tree, walker, client = _walk(uri, api_key, with_local=True, max_nodes=max_nodes)
     report = WrapReport(out, _redacted(uri), problems=list(walker.problems))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part")
-    try:
-        with h5py.File(tmp, "w") as f:
-            if isinstance(tree, _Group) and tree.nx_class == "NXroot":
-                _write_attrs(f, tree.attrs)
-                children = tree.children
-            else:
-                if isinstance(tree, _Group) and tree.nx_class is None:
-                    tree.nx_class = "NXentry"
-                children = [tree] if tree is not None else []
-            f.attrs["NX_class"] = "NXroot"
-            f.attrs["creator"] = "scatterbroker wrap"
-            f.attrs["uri"] = _redacted(uri)
-            f.attrs["file_name"] = out.name
-            f.attrs["file_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            for child in children:
-                _write_item(f, child, out.resolve().parent, relative, report)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with new_nexus_file(out, inputs=_linked_files(tree)) as f:
+        if isinstance(tree, _Group) and tree.nx_class == "NXroot":
+            _write_attrs(f, tree.attrs)
+            children = tree.children
+        else:
+            if isinstance(tree, _Group) and tree.nx_class is None:
+                tree.nx_class = "NXentry"
+            children = [tree] if tree is not None else []
+        f.attrs["NX_class"] = "NXroot"
+        f.attrs["creator"] = "scatterbroker wrap"
+        f.attrs["uri"] = _redacted(uri)
+        f.attrs["file_name"] = out.name
+        f.attrs["file_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for child in children:
+            _write_item(f, child, out.resolve().parent, relative, report)
     return report
+
+
+def _linked_files(item: Any) -> Iterator[str]:
+    """The server files a wrapper of ``item`` links to (never to be written over)."""
+    if isinstance(item, _Group):
+        for child in item.children:
+            yield from _linked_files(child)
+    elif isinstance(item, _Field) and item.local is not None:
+        yield item.local[0]
 
 
 def _write_attrs(obj: Any, attrs: Mapping[str, Any]) -> None:
