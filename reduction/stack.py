@@ -18,8 +18,9 @@ Chunks are compressed with Bitshuffle-LZ4 (hdf5plugin) by default; ``gzip``,
 
 How it is fast
 --------------
-Frames are decoded *and compressed* in worker processes (a
-``ProcessPoolExecutor`` with ``os.cpu_count()`` workers, or a Dask
+Frames are decoded *and compressed* in worker processes
+(:mod:`.executors`: a local pool of ``os.cpu_count()`` processes, forked while
+this process runs one thread and from a fork server otherwise, or a Dask
 ``distributed`` cluster when ``SCATTERBROKER_DASK_ADDRESS`` is set). Workers
 return the finished chunk bytes, exactly as the HDF5 filter would have stored
 them; the parent only writes them with ``write_direct_chunk``. Bitshuffle-LZ4
@@ -57,12 +58,10 @@ import functools
 import glob
 import os
 import re
-import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, wait
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,23 +71,19 @@ import numpy as np
 from .. import bitshuffle
 from ..adapters.sequence import Template, stack_structure
 from ..errors import ScatterbrokerError
+from .executors import DASK_ADDRESS_ENV, pool_for
 from .nexus_file import new_nexus_file
 
 __all__ = [
-    "CODECS", "BitshuffleLZ4", "Codec", "DiskFull", "DuplicateFrames", "Gzip", "LZ4",
+    "CODECS", "DASK_ADDRESS_ENV", "BitshuffleLZ4", "Codec", "DiskFull", "DuplicateFrames", "Gzip", "LZ4",
     "MissingFrames", "NoCompression", "StackError", "StackReport", "Zstd", "parse_codec",
     "stack_files", "stack_scan", "write_scan",
 ]
 
-#: Dask scheduler address; when set, frames are stacked on that cluster.
-DASK_ADDRESS_ENV = "SCATTERBROKER_DASK_ADDRESS"
-#: multiprocessing start method for the process pool ("fork", "forkserver",
-#: "spawn"). Default: "fork" (instant) while this process runs one thread,
-#: "forkserver" once other threads run (a server, a GUI): forking a threaded
-#: process can deadlock the child on a lock some other thread held.
-MP_START = os.environ.get("SCATTERBROKER_MP_START") or None
 #: Frames in flight per worker (bounds memory: at most this many chunks queued).
 IN_FLIGHT_PER_WORKER = 4
+#: what a fork server imports once for all its stacking workers
+_PRELOAD = ("numpy", "h5py", "hdf5plugin", __name__)
 
 #: progress(frames_done_now, total_frames)
 Progress = Callable[[int, int], None]
@@ -532,69 +527,6 @@ def _work(spec: _Spec, position: int, path: str) -> tuple:
         return position, None, None, None, 0, reason
 
 
-@contextlib.contextmanager
-def _executor(workers: int, n_tasks: int) -> Iterator[tuple[Executor | None, str, int]]:
-    """``(executor or None for in-process, description, parallel slots)``."""
-    address = os.environ.get(DASK_ADDRESS_ENV)
-    if address:
-        from distributed import Client
-
-        with Client(address) as client:
-            slots = sum(client.nthreads().values()) or workers
-            yield client.get_executor(pure=False), f"dask {address}", slots
-        return
-    if workers <= 1 or n_tasks <= 1:
-        yield None, "serial", 1
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(workers, mp_context=_mp_context())
-    try:
-        yield pool, f"{workers} processes", workers
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    else:
-        pool.shutdown(wait=True)
-
-
-def _mp_context():
-    import multiprocessing
-
-    method = MP_START
-    if method is None and "fork" in multiprocessing.get_all_start_methods():
-        threaded = threading.active_count() > 1
-        method = "forkserver" if threaded and "forkserver" in multiprocessing.get_all_start_methods() else "fork"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        # Workers fork from a server that has imported these once.
-        context.set_forkserver_preload(["numpy", "h5py", "hdf5plugin", __name__])
-    return context
-
-
-def _results(fn: Callable, tasks: list[tuple], workers: int, executor: Executor | None) -> Iterator[tuple]:
-    """Yield ``fn(*task)`` results as they finish, at most a few per worker in flight."""
-    if executor is None:
-        for task in tasks:
-            yield fn(*task)
-        return
-    window = max(2, IN_FLIGHT_PER_WORKER * workers)
-    todo = iter(tasks)
-    pending: set = set()
-    try:
-        while True:
-            while len(pending) < window and (task := next(todo, None)) is not None:
-                pending.add(executor.submit(fn, *task))
-            if not pending:
-                return
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-    finally:
-        for future in pending:
-            future.cancel()
-
-
 def _write_chunk(dset, position: int, mask: int, chunk: bytes) -> None:
     """Store one pre-compressed frame (a seam: tests replace it to fill the disk)."""
     dset.id.write_direct_chunk((position,) + (0,) * (dset.ndim - 1), chunk, mask)
@@ -816,10 +748,11 @@ def _stack(
                 "data", shape=(n, *shape), dtype=out_dtype, chunks=(1, *shape),
                 fillvalue=fill, **codec.filters(),
             )
-            with _executor(workers, len(tasks)) as (executor, how, parallel):
-                report.executor = how
-                for position, mask, chunk, row, nbytes, why in _results(
-                    functools.partial(_work, spec), tasks, parallel, executor
+            with pool_for(workers, len(tasks), start="auto", preload=_PRELOAD) as executor:
+                report.executor = executor.description
+                in_flight = max(2, IN_FLIGHT_PER_WORKER * executor.slots)
+                for position, mask, chunk, row, nbytes, why in executor.as_completed(
+                    functools.partial(_work, spec), tasks, in_flight
                 ):
                     if why is not None:
                         missing[position] = why

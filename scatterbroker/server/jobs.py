@@ -18,7 +18,8 @@ threads, the next block read while the numba kernel, which uses every core and
 releases the GIL, bins the current one), so no worker process has to start.
 With ``SCATTERBROKER_DASK_ADDRESS`` set (e.g. a cluster started with
 dask-jobqueue on SLURM/PBS), or an explicit :class:`LocalExecutor` (a local
-process pool), big inputs are split along the frame axis into tasks; each task
+pool of spawned processes; the executors are the stacker's too,
+``scatterbroker.reduction.executors``), big inputs are split along the frame axis into tasks; each task
 streams its own frames from the server, so tasks can run anywhere the server
 is reachable; partial (v, n) grids are summed, so the result does not depend
 on the split.
@@ -44,6 +45,13 @@ import numpy as np
 
 from scatterbroker.catalog.uris import global_uri
 from scatterbroker.errors import ScatterbrokerError
+from scatterbroker.reduction.executors import (  # noqa: F401  (LocalExecutor: callers pick it here)
+    DaskExecutor,
+    Executor,
+    InProcessExecutor,
+    LocalExecutor,
+    dask_address,
+)
 
 HEARTBEAT_SECONDS = float(os.environ.get("SCATTERBROKER_JOB_HEARTBEAT") or 2.0)
 #: a running job silent for this long is taken as dead
@@ -84,55 +92,15 @@ class Product:
 
 
 # -- executors ----------------------------------------------------------
+# One abstraction for jobs and stacking (scatterbroker.reduction.executors):
+# a job runs in this process by default; an explicit LocalExecutor spawns its
+# workers (the server's numba thread pools make fork unsafe); Dask when
+# SCATTERBROKER_DASK_ADDRESS is set.
 
 
-class InProcessExecutor:
-    """Tasks in this process, one after the other (the default).
-
-    Operations that parallelise themselves run whole here instead of being
-    split: the transform kernel is numba-parallel over every core and releases
-    the GIL, so a pool of processes would only add their start-up (imports and
-    loading the compiled kernels, ~2 s each) and one grid per process.
-    """
-
-    in_process = True
-
-    def map(self, fn: Callable, items: Sequence) -> list:
-        return [fn(item) for item in items]
-
-
-class LocalExecutor:
-    """Tasks on a pool of local processes (spawned: safe inside a threaded server)."""
-
-    def __init__(self, workers: int | None = None) -> None:
-        self.workers = workers or os.cpu_count() or 1
-
-    def map(self, fn: Callable, items: Sequence) -> list:
-        if len(items) <= 1 or self.workers <= 1:
-            return [fn(item) for item in items]
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(fn, items))
-
-
-class DaskExecutor:
-    """Tasks on a ``dask.distributed`` cluster (a scheduler address or a Client)."""
-
-    def __init__(self, address_or_client: Any) -> None:
-        from distributed import Client
-
-        self.client = (address_or_client if isinstance(address_or_client, Client)
-                       else Client(address_or_client))
-
-    def map(self, fn: Callable, items: Sequence) -> list:
-        return self.client.gather(self.client.map(fn, list(items), pure=False))
-
-
-def default_executor():
+def default_executor() -> Executor:
     """Dask if ``SCATTERBROKER_DASK_ADDRESS`` is set, else this process."""
-    address = os.environ.get("SCATTERBROKER_DASK_ADDRESS")
+    address = dask_address()
     return DaskExecutor(address) if address else InProcessExecutor()
 
 
