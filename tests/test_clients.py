@@ -7,6 +7,8 @@ our ``ScatterbrokerNeXus`` reader, registered by entry point).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import API_KEY, N_FRAMES, write_tree
@@ -151,3 +153,22 @@ def test_intake_catalog_of_uris_round_trips_without_the_key(served, tmp_path, mo
     for name in ("scan1", "custom"):
         root = again[name].read()
         assert np.array_equal(root.entry.data.data[1].nxdata, arrays["cbf"][1]), name
+
+
+def test_intake_reader_choice_is_the_same_in_every_run():
+    """``to_reader("TiledClient")`` named intake's reader only by chance: intake takes the
+    argument as an output type and falls back to the first reader it knows, whose order
+    follows plug-in import order. Fresh interpreters with different hash seeds must agree."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("intake", reason="intake 2 not installed (dev extra)")
+    code = ("from scatterbroker.clients.intake_reader import ScatterbrokerNode; "
+            "n = ScatterbrokerNode(url='http://127.0.0.1:9/api/v1/metadata/x'); "
+            "print(n.to_reader_cls('TiledClient').__name__, n.to_reader_cls().__name__)")
+    seen = set()
+    for seed in ("0", "1", "2", "3"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        seen.add(done.stdout.split("\n")[-2] if done.stdout.endswith("\n") else done.stdout)
+    assert seen == {"TiledClient ScatterbrokerNeXus"}, seen

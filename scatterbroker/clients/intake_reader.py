@@ -33,9 +33,26 @@ __all__ = ["ScatterbrokerNode", "ScatterbrokerNeXus", "open_node"]
 
 
 class ScatterbrokerNode(TiledDataset):
-    """A scatterbroker catalog node, named by its global URI (``…/api/v1/metadata/<path>``)."""
+    """A scatterbroker catalog node, named by its global URI (``…/api/v1/metadata/<path>``).
+
+    ``to_reader("TiledClient")`` gives intake's Tiled client reader and
+    ``to_reader()`` this package's :class:`ScatterbrokerNeXus`, every time:
+    intake takes the positional argument as an *output* type, finds none named
+    so, and falls back to the first reader it knows, whose order follows the
+    import order of its plug-ins (it returned either reader, by run).
+    """
 
     filepattern = "/api/v1/metadata/"
+
+    def to_reader_cls(self, outtype: Any = None, reader: Any = None) -> type:
+        if isinstance(outtype, str) and reader is None:
+            named = [cls for cls in self.possible_readers["importable"]
+                     if cls.__name__.lower() == outtype.lower()]
+            if named:
+                return named[0]
+        if outtype is None and reader is None:
+            return ScatterbrokerNeXus
+        return super().to_reader_cls(outtype, reader)
 
 
 class ScatterbrokerNeXus(BaseReader):
