@@ -77,7 +77,7 @@ from .nexus_file import new_nexus_file
 __all__ = [
     "CODECS", "DASK_ADDRESS_ENV", "BitshuffleLZ4", "Codec", "DiskFull", "DuplicateFrames", "Gzip", "LZ4",
     "MissingFrames", "NoCompression", "StackError", "StackReport", "Zstd", "parse_codec",
-    "stack_files", "stack_scan", "write_scan",
+    "stack_files", "stack_sequence", "write_scan",
 ]
 
 #: Frames in flight per worker (bounds memory: at most this many chunks queued).
@@ -600,80 +600,38 @@ def stack_files(
     )
 
 
-def stack_scan(
-    node: Any,
+def stack_sequence(
+    template: Template,
     out_path: str | os.PathLike[str],
     *,
-    api_key: str | None = None,
+    adapter: type,
+    frame_shape: Sequence[int],
+    frame_dtype: Any,
+    metadata: Mapping[str, Any],
+    angles_by_frame: Mapping[int, float] | None = None,
+    origin: str | None = None,
     codec: str | Codec = "bitshuffle-lz4",
     dtype: Any = None,
     workers: int | None = None,
     progress: Progress | None = None,
     strict: bool = False,
 ) -> StackReport:
-    """Stack the frames of a registered scan node into a NeXus scan file.
+    """Stack a sequence whose format, frame shape and dtype are already known (a
+    catalog's scan node: :func:`scatterbroker.catalog.stacking.stack_scan`).
 
-    ``node`` is a Tiled client of a scan container (``frames`` array +
-    ``headers`` table, as ``catalog.register`` makes it) or its global URI.
-    Frames are read from the files the catalog points at, so this runs where
-    those files are (the server machine or one sharing its file system). The
-    scan's metadata fills ``entry/sample`` and ``entry/instrument``; the
-    ``headers`` table's ``start_angle`` column gives the angle axis. The frame
-    node is not changed. Other parameters as :func:`stack_files`.
-
-    Examples
-    --------
-    >>> stack_scan(client["raw/p1/s1/scan1"], "/data/scans/s1/scan1.nxs")  # doctest: +SKIP
+    Unlike :func:`stack_files` nothing is guessed from the files: ``adapter`` is
+    the sequence adapter class, ``frame_shape``/``frame_dtype`` the scan's,
+    ``metadata`` what goes into ``entry/sample`` and ``entry/instrument``;
+    ``angles_by_frame`` maps frame numbers to rotation angles (missing ones
+    interpolated); ``origin`` is recorded as ``entry@source``. Other parameters
+    as :func:`stack_files`.
     """
-    from tiled.utils import path_from_uri
-
-    from ..adapters import registry
-
-    if isinstance(node, str):
-        from tiled.client import from_uri
-
-        node = from_uri(node, api_key=api_key)
-    if "frames" not in node:
-        raise StackError(f"{node.uri}: not a scan node (it has no 'frames' array)")
-    frames = node["frames"]
-    sources = frames.data_sources() or []
-    if not sources or not {"prefix", "width", "suffix", "ranges"} <= set(sources[0].parameters):
-        raise StackError(f"{node.uri}: its frames are not a sequence of numbered files")
-    source = sources[0]
-    (asset,) = [a for a in source.assets if a.parameter == "data_uri"]
-    directory = Path(path_from_uri(asset.data_uri))
-    if not directory.is_dir():
-        raise StackError(
-            f"{directory}: the scan's frame files are not on this machine; run the "
-            "stacking where the files are (the server machine or a shared file system)"
-        )
-    p = source.parameters
-    template = Template(
-        directory, p["prefix"], int(p["width"]), p["suffix"],
-        tuple((int(a), int(b)) for a, b in p["ranges"]),
-    )
-    cls = registry.adapters_by_mimetype().get(source.mimetype)
-    if cls is None:
-        raise StackError(f"no adapter is installed for {source.mimetype}")
-    shape = tuple(frames.shape[1:])
-    dtype_source = np.dtype(frames.dtype).newbyteorder("=")
-    metadata = {k: v for k, v in dict(node.metadata).items() if k != "source"}
-    parts = list(node.path_parts)
-    if "sample" not in metadata and len(parts) >= 2:
-        metadata["sample"] = {"name": parts[-2]}  # /raw/<proposal>/<sample>/<scan>
-    metadata.setdefault("title", "/".join(parts))
-    angle_map: dict[int, float] = {}
-    if "headers" in node:
-        table = node["headers"].read()
-        if {"frame", "start_angle"} <= set(table.columns):
-            angle_map = {
-                int(f): float(a) for f, a in zip(table["frame"], table["start_angle"])
-                if a is not None and a == a
-            }
     return _stack(
-        _slots_from_template(template), out_path, cls=cls, shape=shape, source=dtype_source,
-        angles=None, angle_map=angle_map, metadata=metadata, codec=codec, dtype=dtype,
-        workers=workers, progress=progress, strict=strict, origin=node.uri,
+        _slots_from_template(template), out_path, cls=adapter, shape=tuple(frame_shape),
+        source=np.dtype(frame_dtype).newbyteorder("="), angles=None,
+        angle_map=dict(angles_by_frame or {}), metadata=metadata, codec=codec, dtype=dtype,
+        workers=workers, progress=progress, strict=strict,
+        origin=_origin(template) if origin is None else origin,
     )
 
 

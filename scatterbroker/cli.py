@@ -248,7 +248,8 @@ def stack(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .reduction.stack import stack_files, stack_scan
+    from .catalog.stacking import stack_scan
+    from .reduction.stack import stack_files
 
     if files is not None:
         if len(args) not in (1, 2) or (len(args) == 2) != bool(register_prefix):

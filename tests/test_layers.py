@@ -88,3 +88,16 @@ def test_the_rule_can_fail():
     assert against("scatterbroker.errors", "scatterbroker.adapters.roots")
     assert not against("scatterbroker.reduction.stack", "scatterbroker.adapters.sequence")
     assert not against("scatterbroker.server.app", "scatterbroker.catalog.register")
+
+
+def test_reduction_talks_to_no_server():
+    """Reduction computes on the arrays and files it is given; reading a catalog
+    (a Tiled client, HTTP) is the catalog's or the job runner's."""
+    found = modules()
+    wrong = [f"{path.relative_to(ROOT)}: {target}"
+             for name, path in sorted(found.items()) if layer(name) == "reduction"
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, (ast.Import, ast.ImportFrom))
+             for target in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+             if target.split(".")[0] in ("tiled", "httpx", "requests", "urllib3")]
+    assert not wrong, "reduction imports a client:\n" + "\n".join(wrong)

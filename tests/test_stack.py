@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import API_KEY, start_server, write_cbf
 
+from scatterbroker.catalog.stacking import stack_scan
 from scatterbroker.reduction import stack as S
 from scatterbroker.reduction.stack import (
     DiskFull,
@@ -22,7 +23,6 @@ from scatterbroker.reduction.stack import (
     MissingFrames,
     StackError,
     stack_files,
-    stack_scan,
 )
 
 SHAPE = (64, 80)
