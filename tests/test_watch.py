@@ -583,3 +583,37 @@ def test_watcher_rides_out_a_server_restart(tmp_path, monkeypatch):
     finally:
         if running is not None:
             running.__exit__(None, None, None)
+
+
+def test_follow_calls_back_once_per_frame_in_order_at_10_frames_per_second(setup):
+    """The documented way to watch a live scan: scatterbroker.clients.follow. Tiled holds
+    subscription callbacks weakly (an inline lambda never fired) and one update can carry
+    several frames; follow() keeps its callback and calls it once per frame, in order."""
+    import gc
+
+    from scatterbroker.clients import follow
+
+    client, raw, _ = setup
+    n = 20
+    frames = make_frames(n + 1)
+    got: list[tuple[int, np.ndarray]] = []
+    with Running(client, raw):
+        write_cbf(raw / "scan_00001.cbf", frames[0], 1)
+        wait_for(lambda: n_frames(client) == 1, what="first frame")
+        from scatterbroker.clients import live as following
+
+        follow(client["raw/scan/frames"], lambda i, frame: got.append((i, frame)))  # result dropped
+        gc.collect()  # the follower and its inline lambda must survive this
+        (follower,) = following._active
+        try:
+            for i in range(2, n + 2):  # 10 frames per second
+                write_cbf(raw / f"scan_{i:05d}.cbf", frames[i - 1], i)
+                time.sleep(0.1)
+            wait_for(lambda: len(got) >= n or follower.errors, timeout=60, what=f"{n} frames followed")
+            assert not follower.errors, follower.errors
+        finally:
+            follower.stop()
+        assert not following._active
+    assert [i for i, _ in got] == list(range(1, n + 1))  # each index once, in order
+    for i, frame in got:
+        assert np.array_equal(frame, frames[i]), i
