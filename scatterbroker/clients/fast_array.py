@@ -74,6 +74,19 @@ DIRECT_CHUNKS = env_flag("SCATTERBROKER_DIRECT_CHUNKS", True)
 #: seconds to wait on the server for one block
 TIMEOUT = float(os.environ.get("SCATTERBROKER_TIMEOUT") or 60)
 
+#: sha256 of ``inspect.getsource`` of what keeps the TLS setting in a Tiled context's private
+#: ``_verify`` (Tiled 0.2.20), read by :class:`_Transport` for https. The same values as
+#: ``scatterbroker.server.tiled_compat.CLIENT_VERIFY_FINGERPRINTS`` (the seam; a client cannot
+#: import the server, tests/test_tiled_compat.py checks that they agree). Another source: https
+#: goes through the context's own httpx client, which Tiled configured itself.
+VERIFY_FINGERPRINTS = {
+    "tiled.client.context.Context.__init__":
+        "2b7075186e781428b760d74a5c51652237cb8ca4962d72369c5c39ecfcd6bc06",
+    "tiled.client.context.Context.__setstate__":
+        "d107854e1bb82a4db1a4b29ba45cdaf530ddd529620355192cd7544fcbf2b8d9",
+}
+_verify_known: bool | None = None
+
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _probes: dict[str, bool] = {}  # base URL -> server has the fast route
@@ -86,6 +99,34 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="sb-client")
         return _pool
+
+
+def context_verify_known() -> bool:
+    """Whether Tiled's context keeps its TLS ``verify`` the way :class:`_Transport` reads it
+    (:data:`VERIFY_FINGERPRINTS`); checked once per process, logged once if not."""
+    global _verify_known
+    if _verify_known is None:
+        import hashlib
+        import inspect
+        import logging
+
+        from tiled.client.context import Context
+
+        found = {}
+        for dotted in VERIFY_FINGERPRINTS:
+            try:
+                source = inspect.getsource(getattr(Context, dotted.rsplit(".", 1)[1]))
+                found[dotted] = hashlib.sha256(source.encode()).hexdigest()
+            except (AttributeError, OSError, TypeError):
+                found[dotted] = None
+        changed = [d for d, v in found.items() if v != VERIFY_FINGERPRINTS[d]]
+        _verify_known = not changed
+        if changed:
+            logging.getLogger(__name__).warning(
+                "Tiled seam piece 'client-tls-verify' (scatterbroker.clients.fast_array) does not match the "
+                "installed Tiled: %s changed; falling back to stock behaviour (https through the context's "
+                "httpx client)", ", ".join(changed))
+    return _verify_known
 
 
 def _is_loopback(host: str) -> bool:
@@ -128,8 +169,10 @@ class _Transport:
         )
         self.loopback = _is_loopback(self.host)
         self._ssl = None
+        if self.raw and self.scheme == "https" and not context_verify_known():
+            self.raw = False  # stock: the context's httpx client, with Tiled's own TLS settings
         if self.raw and self.scheme == "https":
-            verify = getattr(context, "_verify", True)
+            verify = getattr(context, "_verify", True)  # the seam's one client-side private read
             if isinstance(verify, ssl.SSLContext):
                 self._ssl = verify
             elif verify is False:

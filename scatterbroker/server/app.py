@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scatterbroker.server import compression, request_overhead, sqlite_reads
+from scatterbroker.server import compression, request_overhead, sqlite_reads, tiled_compat
 from scatterbroker.adapters import registry
 from scatterbroker.adapters.roots import normalize_roots
 from scatterbroker.server.guard import guard
@@ -76,8 +76,10 @@ def catalog(
     sqlite_reads.enable_wal(uri)  # Tiled means to, but its PRAGMA runs inside a transaction
     # Tiled mounts a tree's ``include_routers`` under /api/v1 (and /custom): the
     # fast data route (scatterbroker.server.fastpath) comes with every scatterbroker tree.
-    from scatterbroker.server.fastpath import router
+    from scatterbroker.server.fastpath import install as check_fast_route_auth, router
     from scatterbroker.server.jobs_api import router as jobs_router
+
+    check_fast_route_auth()  # refuses to start if Tiled's authentication is not the one it evaluates
 
     tree.include_routers = [*getattr(tree, "include_routers", []), router, jobs_router]
     # Job records are written by the jobs API only, never through the generic
@@ -101,21 +103,22 @@ def _duckdb_one_at_a_time(tree: Any) -> None:
     found by benchmarks/load.py). A ``QueuePool`` of one connection (the same clone
     Tiled would make, opened lazily) makes each checkout wait for the previous one to
     be returned; every use is one short query. PostgreSQL/SQLite storage is untouched.
+    Only on the Tiled it was written for (:mod:`scatterbroker.server.tiled_compat`, piece
+    ``duckdb-pool``; else Tiled's pool, and one line in the log).
     """
-    import functools
+    tiled_compat.install("duckdb-pool", lambda: _one_duckdb_connection(tree))
 
+
+def _one_duckdb_connection(tree: Any) -> None:
     import sqlalchemy.pool
     from tiled.storage import SQLStorage
 
-    if not isinstance(SQLStorage.__dict__.get("_connection_pool"), functools.cached_property):
-        raise RuntimeError("tiled.storage.SQLStorage._connection_pool is no longer a cached_property "
-                           "(Tiled upgrade?): revisit scatterbroker.server.app._duckdb_one_at_a_time")
     for storage in tree.context.writable_storage.values():
         if isinstance(storage, SQLStorage) and storage.dialect == "duckdb" and not isinstance(
-                storage.__dict__.get("_connection_pool"), sqlalchemy.pool.QueuePool):
-            storage.__dict__["_connection_pool"] = sqlalchemy.pool.QueuePool(
-                lambda storage=storage: storage._adbc_connection.adbc_clone(),
-                pool_size=1, max_overflow=0, timeout=60)
+                tiled_compat.instance_private(storage, "_connection_pool"), sqlalchemy.pool.QueuePool):
+            tiled_compat.set_instance_private(storage, "_connection_pool", sqlalchemy.pool.QueuePool(
+                lambda storage=storage: tiled_compat.private(storage, "_adbc_connection").adbc_clone(),
+                pool_size=1, max_overflow=0, timeout=60))
 
 
 def _is_path(storage: str) -> bool:
@@ -270,12 +273,14 @@ def build_app(config: Any, *, response_cache: bool | None = None, entry_cache: b
         response_cache = enabled_by_default(one_process=True)
     if entry_cache is None:
         entry_cache = enabled_by_default(one_process=True, variable="SCATTERBROKER_ENTRY_CACHE")
+    if (response_cache or entry_cache) and not tiled_compat.install("read-cache-routes", lambda: None):
+        response_cache = entry_cache = False  # both rely on the write log's table of Tiled's routes
     log = WriteLog()
     app.state.write_log = log  # the jobs API marks the record writes it makes in-process
     if response_cache:
         app.add_middleware(ResponseCache, log=log)
     if entry_cache:
-        entries.install(app, log)
+        entry_cache = entries.install(app, log) is not None
     if response_cache or entry_cache:
         app.add_middleware(WriteMarks, log=log, cascading_metadata=cascading_metadata(app))
     app.add_middleware(FastLane)  # added last: outermost

@@ -53,5 +53,8 @@ def install() -> bool:
         default_compression_registry.dispatch("application/octet-stream", "blosc2")
     except ValueError:
         return False
-    default_compression_registry.register("application/octet-stream", "blosc2", BloscBuffer)
-    return True
+    # only over the Tiled BloscBuffer it was written against (else Tiled's, and a line in the log)
+    from scatterbroker.server import tiled_compat
+
+    return tiled_compat.install("blosc-typesize", lambda: default_compression_registry.register(
+        "application/octet-stream", "blosc2", BloscBuffer))

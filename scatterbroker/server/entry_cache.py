@@ -59,6 +59,7 @@ import tiled.server.router
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scatterbroker.adapters.roots import files_read, one_stamp_each, unchanged
+from scatterbroker.server import tiled_compat
 from scatterbroker.server.write_log import WriteLog, ancestors, cache_ttl, forget_expired, node_path
 
 __all__ = ["EntryCache", "install", "get_entry", "cache_for", "who"]
@@ -281,17 +282,24 @@ def cache_for(root_tree: Any) -> EntryCache | None:
         return None
 
 
-def install(app: Any, log: WriteLog) -> EntryCache:
+def install(app: Any, log: WriteLog) -> EntryCache | None:
     """Cache the walks of ``app``'s Tiled routes over its catalog tree, invalidated by ``log``.
 
     ``log`` must be filled by a :class:`~scatterbroker.server.write_log.WriteMarks`
     in front of the app. Points ``tiled.server.router.get_entry`` (the name
-    Tiled's routes call) at :func:`get_entry` here, once per process.
+    Tiled's routes call) at :func:`get_entry` here, once per process. None (no
+    cache, Tiled's own walk) where Tiled's ``get_entry`` or routes are not the ones
+    this was written for (:mod:`scatterbroker.server.tiled_compat`, piece ``entry-cache``).
     """
+    if not tiled_compat.install("entry-cache", _point_routes_here):
+        return None
+    cache = _caches[app.state.root_tree] = EntryCache(log)
+    return cache
+
+
+def _point_routes_here() -> None:
     if tiled.server.router.get_entry is not get_entry:
         if tiled.server.router.get_entry is not tiled_get_entry:
             raise RuntimeError("tiled.server.router.get_entry is not Tiled's own: "
                                "something else replaced it; not caching over it")
         tiled.server.router.get_entry = get_entry
-    cache = _caches[app.state.root_tree] = EntryCache(log)
-    return cache

@@ -72,7 +72,7 @@ from tiled.server.utils import record_timing
 from tiled.structures.core import StructureFamily
 
 from scatterbroker import _wire, bitshuffle, limits
-from scatterbroker.server import entry_cache
+from scatterbroker.server import entry_cache, tiled_compat
 from scatterbroker.adapters import frame_cache
 from scatterbroker.adapters.roots import file_stamp
 from scatterbroker.server.entry_cache import who
@@ -538,10 +538,18 @@ def _check_plans(call: Any, seen: set) -> None:
             _check_plans(dependency, seen)
 
 
-# Fail at import, not on a request, if a Tiled upgrade changed these signatures.
-for _call in (get_settings, get_current_principal, get_session_state, get_current_access_tags,
-              get_current_scopes, check_scopes):
-    _check_plans(_call, set())
+def _check_all_plans() -> None:
+    for call in (get_settings, get_current_principal, get_session_state, get_current_access_tags,
+                 get_current_scopes, check_scopes):
+        _check_plans(call, set())
+
+
+def install() -> None:
+    """At start, not on a request: the dependencies :func:`_authorize` evaluates (and the
+    ``/array/full`` route whose declaration it mirrors) must be the ones this resolver was
+    written for (:mod:`scatterbroker.server.tiled_compat`, piece ``fast-route-auth``), else
+    the server refuses to start; then every signature is planned once."""
+    tiled_compat.install("fast-route-auth", _check_all_plans)
 
 
 @dataclass

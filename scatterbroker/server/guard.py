@@ -62,6 +62,7 @@ from urllib.parse import urlparse
 from scatterbroker.adapters.roots import Roots, confine, is_inside, normalize_roots, shown
 from scatterbroker.errors import BrokenLink, InvalidMetadata, OutsideRoots, RefusedAsset, ScatterbrokerError
 from scatterbroker.catalog.names import check_key
+from scatterbroker.server import tiled_compat
 
 _ATTRIBUTE = "_scatterbroker_roots"
 _WRITABLE = "_scatterbroker_writable"
@@ -237,10 +238,20 @@ async def _move_orphan(node: Any, key: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _install() -> None:
-    from tiled.catalog.adapter import CatalogNodeAdapter
+    # through the seam (scatterbroker/server/tiled_compat.py): the guard refuses to start on a
+    # Tiled whose catalog writes differ from those it wraps; the serializer falls back to Tiled's
+    tiled_compat.install("empty-array-serializer", _register_serializer)
+    tiled_compat.install("registration-guard", _wrap_writes)
+
+
+def _register_serializer() -> None:
     from tiled.media_type_registration import default_serialization_registry
 
     default_serialization_registry.register("array", "application/octet-stream", _as_buffer)
+
+
+def _wrap_writes() -> None:
+    from tiled.catalog.adapter import CatalogNodeAdapter
 
     create_node = CatalogNodeAdapter.create_node
     put_data_source = CatalogNodeAdapter.put_data_source

@@ -29,6 +29,7 @@ import contextvars
 from typing import Any, Optional
 
 from scatterbroker.errors import ScatterbrokerError
+from scatterbroker.server import tiled_compat
 
 #: True only while the server writes a job record itself (see module doc)
 SERVER_WRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("scatterbroker_job_record_write",
@@ -194,12 +195,16 @@ def install(catalog: Any) -> Any:
 
 
 def _wrap() -> None:
-    import functools
-
     from tiled.catalog.adapter import CatalogNodeAdapter
 
     if getattr(CatalogNodeAdapter, _ATTRIBUTE, False):
         return
+    # security-relevant: refuses to start on a Tiled whose catalog writes are not the ones wrapped
+    tiled_compat.install("job-records", lambda: _wrap_writes(CatalogNodeAdapter))
+
+
+def _wrap_writes(CatalogNodeAdapter: Any) -> None:
+    import functools
 
     def checked(method: Any, what: str, keyed: bool = False) -> Any:
         @functools.wraps(method)

@@ -47,6 +47,8 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from scatterbroker.server import tiled_compat
+
 #: distinct dependants remembered (routes x their dependencies: a few hundred for Tiled)
 MAX_DEPENDANTS = 4096
 #: parametrized models kept alive (keys: about three per parametrization)
@@ -57,10 +59,11 @@ _lock = threading.Lock()
 
 
 def install() -> None:
-    """The three fixes (idempotent; each is skipped if its library no longer has what it patches)."""
-    memoize_dependants()
-    keep_generic_models()
-    reuse_node_aliases()
+    """The three fixes (idempotent), each only where the library is the one it was written for
+    (:mod:`scatterbroker.server.tiled_compat`: else it logs and leaves the library's own code)."""
+    tiled_compat.install("dependant-memo", memoize_dependants)
+    tiled_compat.install("generic-models", keep_generic_models)
+    tiled_compat.install("node-aliases", reuse_node_aliases)
 
 
 def _key(kwargs: dict[str, Any]) -> tuple | None:
@@ -122,10 +125,10 @@ def memoize_dependants() -> bool:
 def keep_generic_models() -> bool:
     """Keep recently used parametrized pydantic models alive; False if pydantic's cache changed shape."""
     try:
-        from pydantic._internal import _generics as g
+        g = tiled_compat.pydantic_generics()
     except ImportError:
         return False
-    cache = getattr(g, "_GENERIC_TYPES_CACHE", None)
+    cache = tiled_compat.private(g, "_GENERIC_TYPES_CACHE", None)
     if not all(hasattr(g, name) for name in ("DeepChainMap", "LimitedDict", "GenericTypesCache")):
         return False
     if isinstance(cache, g.DeepChainMap):
@@ -133,7 +136,7 @@ def keep_generic_models() -> bool:
     weak = g.GenericTypesCache()
     if cache is not None:
         weak.update(cache)  # models created so far keep their identity
-    g._GENERIC_TYPES_CACHE = g.DeepChainMap(weak, g.LimitedDict(MAX_GENERIC_MODELS))
+    tiled_compat.set_private(g, "_GENERIC_TYPES_CACHE", g.DeepChainMap(weak, g.LimitedDict(MAX_GENERIC_MODELS)))
     return True
 
 

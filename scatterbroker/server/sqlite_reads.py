@@ -47,6 +47,7 @@ import sqlite3
 from typing import Any
 
 from scatterbroker.environment import env_flag
+from scatterbroker.server import tiled_compat
 
 #: sqlite3 methods run on the loop, by the class they are bound to (execute: reads only)
 ON_LOOP = {sqlite3.Cursor: {"execute", "fetchone", "fetchmany", "fetchall", "close"},
@@ -109,32 +110,39 @@ def enable_wal(uri: str) -> str | None:
 
 
 def install() -> bool:
-    """Patch aiosqlite's connections (idempotent); False if aiosqlite is absent. Whether a
-    connection's reads run on the loop is decided when it opens (WAL mode, and
-    ``SCATTERBROKER_SQLITE_READS_ON_LOOP`` not off)."""
-    global _installed
+    """Patch aiosqlite's connections (idempotent); False if aiosqlite is absent or not the
+    version this was written for (:mod:`scatterbroker.server.tiled_compat`: it logs, and
+    every call stays on the thread). Whether a connection's reads run on the loop is
+    decided when it opens (WAL mode, and ``SCATTERBROKER_SQLITE_READS_ON_LOOP`` not off)."""
     if _installed:
         return True
     try:
-        from aiosqlite.core import Connection
+        import aiosqlite.core  # noqa: F401
     except ImportError:
         return False
-    threaded_execute = Connection._execute
-    threaded_connect = Connection._connect
+    return tiled_compat.install("sqlite-reads", _patch)
+
+
+def _patch() -> None:
+    global _installed
+    from aiosqlite.core import Connection
+
+    threaded_execute = tiled_compat.private(Connection, "_execute")
+    threaded_connect = tiled_compat.private(Connection, "_connect")
 
     async def check(self: Any) -> None:
         self._sb_reads_on_loop = env_flag("SCATTERBROKER_SQLITE_READS_ON_LOOP", True) and (
-            await threaded_execute(self, _journal_mode, self._connection) == "wal")
+            await threaded_execute(self, _journal_mode, tiled_compat.private(self, "_connection")) == "wal")
 
     async def _connect(self: Any) -> Any:
         result = await threaded_connect(self)
-        if getattr(self, "_sb_reads_on_loop", None) is None and self._connection is not None:
+        if getattr(self, "_sb_reads_on_loop", None) is None and tiled_compat.private(self, "_connection") is not None:
             await check(self)
         return result
 
     async def _execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "_sb_reads_on_loop", False) and reads_on_loop(fn, args):
-            if not self._running or not self._connection:
+            if not tiled_compat.private(self, "_running") or not tiled_compat.private(self, "_connection"):
                 raise ValueError("Connection closed")  # as aiosqlite says it
             try:
                 return fn(*args, **kwargs)
@@ -147,7 +155,8 @@ def install() -> bool:
             await check(self)
         return result
 
-    Connection._connect = _connect
-    Connection._execute = _execute
+    _connect.__wrapped__ = threaded_connect  # type: ignore[attr-defined]
+    _execute.__wrapped__ = threaded_execute  # type: ignore[attr-defined]
+    tiled_compat.set_private(Connection, "_connect", _connect)
+    tiled_compat.set_private(Connection, "_execute", _execute)
     _installed = True
-    return True

@@ -34,6 +34,7 @@ import cachetools
 from tiled.server.streaming import TTLCacheDatastore, register_datastore, safe_json_dump
 
 from scatterbroker.environment import env_number
+from scatterbroker.server import tiled_compat
 
 __all__ = ["DATASTORE", "BoundedMemoryDatastore", "memory_config", "message_bytes"]
 
@@ -63,14 +64,14 @@ class BoundedMemoryDatastore(TTLCacheDatastore):
         super().__init__({"maxsize": 10_000, "seq_ttl": 2_592_000, **settings})
         self.max_bytes = int(settings.get("max_bytes")
                              or env_number("SCATTERBROKER_STREAM_CACHE_BYTES", 256 << 10))
-        self._data_cache = cachetools.TTLCache(
-            maxsize=self.max_bytes, ttl=float(settings.get("data_ttl", 3600)), getsizeof=message_bytes)
+        tiled_compat.set_private(self, "_data_cache", cachetools.TTLCache(
+            maxsize=self.max_bytes, ttl=float(settings.get("data_ttl", 3600)), getsizeof=message_bytes))
         self.not_kept = 0  # messages larger than max_bytes
 
     @property
     def kept_bytes(self) -> int:
         """Bytes of the messages kept now."""
-        return int(self._data_cache.currsize)
+        return int(tiled_compat.private(self, "_data_cache").currsize)
 
     async def set(self, node_id: str, sequence: int, metadata: Any, payload: bytes | None = None) -> None:
         mapping: dict[str, Any] = {"sequence": sequence, "metadata": safe_json_dump(metadata)}
@@ -82,17 +83,20 @@ class BoundedMemoryDatastore(TTLCacheDatastore):
             logger.warning("streaming message %s of node %s is %d bytes, more than the %d kept in all: "
                            "announced, not kept", sequence, node_id, size, self.max_bytes)
         else:
-            async with self._lock:
-                self._data_cache[f"data:{node_id}:{sequence}"] = mapping
-        await self._pubsub.publish(f"notify:{node_id}", sequence)
+            async with tiled_compat.private(self, "_lock"):
+                tiled_compat.private(self, "_data_cache")[f"data:{node_id}:{sequence}"] = mapping
+        await tiled_compat.private(self, "_pubsub").publish(f"notify:{node_id}", sequence)
 
 
 def memory_config(cache_config: dict[str, Any] | None) -> dict[str, Any]:
     """Tiled's ``cache_config`` for a tree: ``None`` or an in-memory one (``uri: memory``) becomes
-    :class:`BoundedMemoryDatastore` (other keys kept); anything else (Redis) is returned as is."""
+    :class:`BoundedMemoryDatastore` (other keys kept); anything else (Redis) is returned as is.
+    Only on the Tiled whose datastore it extends (:mod:`scatterbroker.server.tiled_compat`, piece
+    ``bounded-stream-cache``): else Tiled's own memory datastore, and one line in the log."""
     config = dict(cache_config or {"uri": "memory"})
     uri = str(config.get("uri") or "")
-    if uri.startswith("memory") and not config.get("sentinels"):
+    if uri.startswith("memory") and not config.get("sentinels") \
+            and tiled_compat.install("bounded-stream-cache", lambda: None):
         # Tiled picks its own memory datastore for a "memory" URI; with no URI it takes ours.
         config.pop("uri")
         config["datastore"] = DATASTORE

@@ -39,7 +39,10 @@ each, same run, 2026-12-02): requests/s x1.07 (360 -> 386), p99 x0.94 (529
 -> 498 ms). ``flatten`` only acts on exactly the layers
 it knows, in Tiled's order (another Tiled version leaves the app as it is and
 says so in the log), and ``SCATTERBROKER_PLAIN_MIDDLEWARE=0`` turns it off.
-``tests/test_tiled_layers.py`` checks each behaviour on both stacks.
+``tests/test_tiled_layers.py`` checks each behaviour on both stacks. Because
+this copy includes Tiled's CSRF check, a Tiled whose layers changed makes the
+server refuse to start (:mod:`scatterbroker.server.tiled_compat`) until the
+copy is ported or ``SCATTERBROKER_PLAIN_MIDDLEWARE=0`` keeps Tiled's layers.
 """
 
 from __future__ import annotations
@@ -60,12 +63,13 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from tiled.server import metrics as prometheus_metrics
-from tiled.server._backcompat import raw_python_tiled_client_version
 from tiled.server.app import (CSRF_HEADER_NAME, CSRF_QUERY_PARAMETER, MINIMUM_SUPPORTED_PYTHON_CLIENT_VERSION,
                               SAFE_METHODS, SENSITIVE_COOKIES, current_principal)
 from tiled.server.utils import CSRF_COOKIE_NAME
 
 from scatterbroker.environment import env_flag
+from scatterbroker.server import tiled_compat
+from scatterbroker.server.tiled_compat import raw_python_tiled_client_version
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +94,19 @@ def _tiled_layer(m: Any) -> str | None:
 
 def flatten(app: Any) -> bool:
     """Replace Tiled's ``@app.middleware("http")`` layers of ``app`` (not yet started) by
-    :class:`TiledLayers`; False (and the app unchanged) if they are not exactly :data:`KNOWN`."""
+    :class:`TiledLayers`; False (and the app unchanged) if they are not exactly :data:`KNOWN`.
+
+    It replaces Tiled's CSRF check: if Tiled's layers are not the source this was written for
+    (:mod:`scatterbroker.server.tiled_compat`, piece ``request-layers``), the server refuses to
+    start unless ``SCATTERBROKER_PLAIN_MIDDLEWARE=0`` keeps Tiled's own."""
     if not env_flag("SCATTERBROKER_PLAIN_MIDDLEWARE", True):
         return False
+    done: list[bool] = []
+    tiled_compat.install("request-layers", lambda: done.append(_flatten(app)))
+    return bool(done and done[0])
+
+
+def _flatten(app: Any) -> bool:
     names = [_tiled_layer(m) for m in app.user_middleware]
     found = [i for i, name in enumerate(names) if name is not None]
     layers = [names[i] for i in found]
