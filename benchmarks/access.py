@@ -59,13 +59,18 @@ Run
     python benchmarks/access.py                       # ~3-4 min first run, ~2 min after
     python benchmarks/access.py --frames 50 --cbf-files 500 --nodes 2000 --repeat 1
     python benchmarks/access.py --skip stock,h5grove  # scatterbroker vs local only
+    python benchmarks/access.py --quick               # smoke test: 6 frames, 5 CBF files, 20 nodes
 
-The last line printed is a JSON summary.
+A contender whose package is not installed (h5grove) is skipped, and the
+summary says so (``skipped``: column -> reason). The last line printed is a
+JSON summary; ``main(argv)`` returns it as a dict (importing this module runs
+nothing). The exit status is 1 if a remote result differed from the local one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -80,9 +85,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-warnings.filterwarnings("ignore")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 API_KEY = "benchkey"
 FRAME = (1024, 1024)
@@ -317,7 +320,8 @@ def same(a: np.ndarray, b: np.ndarray, what: str) -> None:
 # ------------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table and the JSON line; return that summary."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=200, help="frames in the HDF5 stack (1024 x 1024 uint32)")
     p.add_argument("--cbf-files", type=int, default=2000, help="files in the CBF sequence (195 x 487)")
@@ -325,16 +329,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs of each large read; the best counts")
     p.add_argument("--frame-reps", type=int, default=30, help="single-frame reads for the median")
     p.add_argument("--rss-requests", type=int, default=1000, help="requests of the memory-growth check")
+    p.add_argument("--random-reads", type=int, default=100, help="frames of the random_100 row (default 100)")
+    p.add_argument("--cpu-frames", type=int, default=50, help="frame requests of the CPU accounting (default 50)")
     p.add_argument("--skip", default="", help="comma-separated columns to leave out: stock,h5grove")
-    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "sb-access-bench")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the files are written and reused (default $TMPDIR/sb-access-bench, "
+                        "with --quick sb-access-bench-quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 6 frames, 5 CBF files, 20 nodes, one run of each read, 3 single frames, "
+                        "10 random frames, 5 CPU-accounting and 10 memory-check requests (same code paths, "
+                        "every column)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.frames, args.cbf_files, args.nodes, args.repeat = 6, 5, 20, 1  # frames 3 and 5 are read
+        args.frame_reps, args.rss_requests, args.random_reads, args.cpu_frames = 3, 10, 10, 5
+    if args.workdir is None:
+        args.workdir = Path(os.environ.get("TMPDIR", "/tmp")) / ("sb-access-bench-quick" if args.quick
+                                                                 else "sb-access-bench")
+    warnings.filterwarnings("ignore")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skipped: dict[str, str] = {}  # a contender that cannot run here -> why
+    if "h5grove" not in skip and importlib.util.find_spec("h5grove") is None:
+        skipped["h5grove"] = "h5grove is not installed (pip install h5grove)"
+        skip.add("h5grove")
+    for col, why in skipped.items():
+        print(f"{col}: skipped, {why}", file=sys.stderr)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     paths = write_data(work, args.frames, args.cbf_files, args.nodes)
     n = args.frames
     rng = random.Random(11)
-    picks = [rng.randrange(n) for _ in range(100)]
+    picks = [rng.randrange(n) for _ in range(args.random_reads)]
     singles = [rng.randrange(n) for _ in range(args.frame_reps)]
 
     servers: dict[str, Server] = {}
@@ -354,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    report(args, results, rss, skip, failures)
-    return 1 if failures else 0
+    return report(args, results, rss, skip, failures, skipped)
 
 
 def run(args, paths, servers, picks, singles, skip):
@@ -473,7 +497,7 @@ def run(args, paths, servers, picks, singles, skip):
     cell("cbf_sequence", "scatterbroker", lambda: best(frames_node.read, args.repeat), ref_cbf.nbytes,
          lambda got: same(got, ref_cbf, "scatterbroker cbf"))
 
-    cpu["scatterbroker"] = cpu_account(sb, arr, n)
+    cpu["scatterbroker"] = cpu_account(sb, arr, n, args.cpu_frames)
 
     # -- memory of the scatterbroker server: then growth over N more requests
     rss = {"before": sb.memory()}
@@ -488,7 +512,7 @@ def run(args, paths, servers, picks, singles, skip):
         print("stock Tiled", file=sys.stderr)
         stock = from_uri(servers["stock"].url, api_key=API_KEY)
         hdf5_rows("stock", stock["stack/data"], stock["bslz4/data"])
-        cpu["stock"] = cpu_account(servers["stock"], stock["stack/data"], n)
+        cpu["stock"] = cpu_account(servers["stock"], stock["stack/data"], n, args.cpu_frames)
         snode = stock["list10k/entries"]
         listing("stock", lambda: [(k, v.metadata) for k, v in snode.items()])
         cell("cbf_sequence", "stock", lambda: best(lambda: ArrayClient.read(frames_node), max(1, args.repeat - 1)),
@@ -532,7 +556,7 @@ def run(args, paths, servers, picks, singles, skip):
     return results, rss, failures
 
 
-def cpu_account(server: Server, arr: Any, n: int) -> dict[str, float]:
+def cpu_account(server: Server, arr: Any, n: int, k: int = 50) -> dict[str, float]:
     """CPU time, not wall time, per MB and per frame request, client and server.
 
     On a shared machine wall times depend on what else runs; CPU seconds
@@ -547,7 +571,6 @@ def cpu_account(server: Server, arr: Any, n: int) -> dict[str, float]:
         del whole
         out["whole_client_ms_per_MB"] = (c1 - c0) / mb * 1e3
         out["whole_server_ms_per_MB"] = (s1 - s0) / mb * 1e3
-        k = 50
         c0, s0 = time.process_time(), server.cpu()
         for i in range(k):
             arr[i % n]
@@ -587,12 +610,15 @@ ROWS = [
 ]
 
 
-def report(args, results, rss, skip, failures) -> None:
+def report(args, results, rss, skip, failures, skipped=None) -> dict[str, Any]:
+    """Print the table, the verdicts against the targets and the JSON line; return that summary."""
     cols = [c for c in COLUMNS if c not in skip]
     ok = lambda c: c is not None and "s" in c  # noqa: E731
     print()
     print(f"{'':26}" + "".join(f"{c:>24}" for c in cols) + f"{'sb/local':>10}{'stock/sb':>10}")
     for key, label in ROWS:
+        if key == "random_100" and args.random_reads != 100:
+            label = f"{args.random_reads} random frames"
         row = results.get(key, {})
         cells = []
         for c in cols:
@@ -654,13 +680,20 @@ def report(args, results, rss, skip, failures) -> None:
         print(f"  load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
     except OSError:
         load = None
-    print(json.dumps({
+    for col, why in (skipped or {}).items():
+        print(f"  {col}: skipped, {why}")
+    summary = {
         "benchmark": "access",
+        "quick": getattr(args, "quick", False),
         "params": {"frames": args.frames, "cbf_files": args.cbf_files, "nodes": args.nodes,
-                   "repeat": args.repeat, "cpus": os.cpu_count(), "loadavg": load},
+                   "repeat": args.repeat, "random_reads": args.random_reads, "cpu_frames": args.cpu_frames,
+                   "cpus": os.cpu_count(), "loadavg": load},
         "results": results, "targets": verdicts, "server_memory_MB": rss, "failures": failures,
-    }))
+        "skipped": dict(skipped or {}),
+    }
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(1 if main()["failures"] else 0)

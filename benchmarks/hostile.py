@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: 1-s phases, 1 victim, 1 attacker")
     p.add_argument("--workdir", type=Path, default=None, help="keep files and logs here (default: a temp dir)")
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")  # as importing access.py did before it ran nothing at import
     if args.quick:
         args.seconds, args.attackers, args.victims = 1.0, 1, 1
     attacks = [a for a in args.attacks.split(",") if a]
