@@ -109,10 +109,13 @@ Run
     python benchmarks/ingest_latency.py --rates 10 --frames 12 --min-seconds 0 --stock-rates 10
     python benchmarks/ingest_latency.py --poll-frames 1 --cold --min-seconds 0   # the plainest protocol
     python benchmarks/ingest_latency.py --stock-rates ''                          # scatterbroker only
+    python benchmarks/ingest_latency.py --quick    # smoke test: 8 frames of 195 x 487 at 10 frames/s, both
 
 The machine may be shared: the load average at the start is printed, and
 figures are noisy under load. The last line printed is a JSON summary, with
-every frame's latency (inf is ``null`` there, with ``"kept_up": false``).
+every frame's latency (inf is ``null`` there, with ``"kept_up": false``);
+``main(argv)`` returns it as a dict (importing this module runs nothing).
+``--shape NY NX`` writes smaller frames (``--quick``: 195 x 487).
 """
 
 from __future__ import annotations
@@ -134,9 +137,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-warnings.filterwarnings("ignore")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 FRAME_SHAPE = (1679, 1475)  # Pilatus 2M: (rows, columns) = (slow, fast)
 API_KEY = "bench"  # Tiled keeps the single-user key process-global: one key for every server here
@@ -158,10 +159,10 @@ def _quiet_logs() -> None:
 # --------------------------------------------------------------------------- data
 
 
-def make_frames(k: int, seed: int = 2026) -> np.ndarray:
-    """(k, 1679, 1475) int32: Poisson(0.5) background plus sharp peaks; pixel (0,0) = 1000 + k."""
+def make_frames(k: int, seed: int = 2026, shape: tuple[int, int] = FRAME_SHAPE) -> np.ndarray:
+    """(k, 1679, 1475) int32 (or (k, *shape)): Poisson(0.5) background plus sharp peaks; pixel (0,0) = 1000 + k."""
     rng = np.random.default_rng(seed)
-    ny, nx = FRAME_SHAPE
+    ny, nx = shape
     frames = rng.poisson(0.5, (k, ny, nx)).astype(np.int32)
     yy, xx = np.mgrid[-4:5, -4:5]
     for f in range(k):
@@ -496,8 +497,8 @@ def run_scatterbroker(work: Path, rate: float, n: int, frames: np.ndarray, blobs
         total = n + (0 if opts.cold else 1)
         try:
             arr = client["raw/scan/frames"]
-            if arr.shape != (total, *FRAME_SHAPE):
-                problems.append(f"raw/scan/frames has shape {arr.shape}, expected {(total, *FRAME_SHAPE)}")
+            if arr.shape != (total, *frames.shape[1:]):
+                problems.append(f"raw/scan/frames has shape {arr.shape}, expected {(total, *frames.shape[1:])}")
             elif not np.array_equal(arr[total - 1], frames[(total - 1) % k]):
                 problems.append(f"frame {total - 1} read back differs from the frame written")
             rows = client["raw/scan/headers"].read()
@@ -678,7 +679,8 @@ def _statuses(r: RateResult) -> str:
     return ", ".join(parts) + (f" ({r.request_errors})" if r.request_errors else "")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the tables and the JSON line; return that summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="5,10,20,40", help="scatterbroker rates, frames/s (default 5,10,20,40)")
     parser.add_argument("--frames", type=int, default=40, help="frames per rate, at least (default 40)")
@@ -698,7 +700,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="no warm-up: the timed stream starts with the scan's first frame (which creates "
                              "the scan node), instead of writing that frame alone first")
     parser.add_argument("--workdir", default=None, help="where temporary directories go (default: system temp)")
+    parser.add_argument("--shape", type=int, nargs=2, default=list(FRAME_SHAPE), metavar=("NY", "NX"),
+                        help="frame shape, rows columns (default 1679 1475, a Pilatus 2M)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 8 frames of 195 x 487 at 10 frames/s, both contenders (same code paths)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rates, args.stock_rates, args.frames, args.min_seconds = "10", "10", 8, 0.0
+        args.distinct, args.drain, args.shape = 2, 5.0, [195, 487]
+    shape = (args.shape[0], args.shape[1])
+    warnings.filterwarnings("ignore")
     rates, stock_rates = _rates(args.rates), _rates(args.stock_rates)
     k = max(1, args.distinct)
     opts = Settings(cold=args.cold, drain=args.drain, interval=args.poll_interval,
@@ -722,10 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sb-ingest-", dir=args.workdir) as tmpdir:
         tmp = Path(tmpdir).resolve()
         t = time.perf_counter()
-        frames = make_frames(k)
+        frames = make_frames(k, shape=shape)
         cbf = [encode_cbf(f, tmp) for f in frames]
         tif = [encode_tiff(f) for f in frames] if stock_rates else []
-        console.print(f"{k} distinct {FRAME_SHAPE[1]} x {FRAME_SHAPE[0]} int32 frames encoded in "
+        console.print(f"{k} distinct {shape[1]} x {shape[0]} int32 frames encoded in "
                       f"{time.perf_counter() - t:.1f} s: CBF {np.mean([len(b) for b, _ in cbf]) / 1e6:.2f} MB"
                       + (f", TIFF {np.mean([len(b) for b in tif]) / 1e6:.2f} MB" if tif else "") + " each")
         for rate in rates:
@@ -753,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(_summary(result))
 
     table = Table(title="Ingest latency, file close -> sliceable over HTTP "
-                        f"({FRAME_SHAPE[1]} x {FRAME_SHAPE[0]} int32 frames; seconds, lower is better)")
+                        f"({shape[1]} x {shape[0]} int32 frames; seconds, lower is better)")
     for col in ("contender", "frames/s", "frames", "1st frame", "sliceable", "p50", "p95", "max", "trend",
                 "in flight at end", "queue max", "sustained?"):
         table.add_column(col, justify="left" if col in ("contender", "sustained?") else "right")
@@ -843,9 +854,10 @@ def main(argv: list[str] | None = None) -> int:
             "latencies_s": [_num(x, 3) for x in r.latencies],
         }
 
-    print(json.dumps({
+    summary = {
         "benchmark": "ingest_latency",
-        "frame_shape": list(FRAME_SHAPE),
+        "quick": args.quick,
+        "frame_shape": list(shape),
         "cold": args.cold,
         "poll_frames": opts.per_request,
         "load_average_start": [round(x, 2) for x in load],
@@ -856,9 +868,10 @@ def main(argv: list[str] | None = None) -> int:
         "stock_over_ours_p95_at_10fps": round(ratio, 2) if isinstance(ratio, float) else ratio,
         "correct": not problems,
         "problems": problems,
-    }))
-    return 1 if problems else 0
+    }
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main()["correct"] else 1)
