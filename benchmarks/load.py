@@ -119,10 +119,12 @@ Run
     python benchmarks/load.py --baseline no-entry-cache                   # the entry cache's alone (~5 min)
     python benchmarks/load.py --baseline tiled-layers                     # Tiled's middleware flattened (~5 min)
     python benchmarks/load.py --baseline sqlite-threaded                  # catalog reads on the loop (~5 min)
+    python benchmarks/load.py --quick                                     # smoke test: 4 clients x 1 s, small frames
 
 Loopback only: the server binds 127.0.0.1 and every request goes there. The
 machine may be shared: the load average is printed, and figures under load
-are noisy. The last line printed is a JSON summary.
+are noisy. The last line printed is a JSON summary; ``main(argv)`` returns it
+as a dict (importing this module runs nothing).
 """
 
 from __future__ import annotations
@@ -146,12 +148,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-warnings.filterwarnings("ignore")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 # Shared pieces of the sibling benchmarks: the server process, the detector-like writer process.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 from access import SCATTERBROKER, Server, _free_port  # noqa: E402
 from ingest_latency import Writer, _quiet_logs, _write_frame, encode_cbf, percentile  # noqa: E402
 
@@ -599,7 +600,8 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the load (twice with ``--baseline``), print the report and the JSON line; return that summary."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (asyncio tasks; default 32)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
@@ -639,14 +641,20 @@ def main(argv: list[str] | None = None) -> int:
                         "(tiled-layers: SCATTERBROKER_PLAIN_MIDDLEWARE=0) or with the SQLite catalog's reads "
                         "on aiosqlite's thread (sqlite-threaded: SCATTERBROKER_SQLITE_READS_ON_LOOP=0), then "
                         "as configured, and print the ratios (default none)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 4 clients x 1 s on 195 x 487 frames, 4-frame scan, 5 calibration operations "
+                        "of each kind (same code paths)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.clients, args.duration, args.shape, args.scan_frames = 4, 1.0, [195, 487], 4
+        args.calibrate, args.drain, args.window, args.distinct = 5, 10.0, 0.5, 2
+    warnings.filterwarnings("ignore")
     mix = parse_mix(args.mix)
     shape = (args.shape[0], args.shape[1])
     if min(shape) < args.roi:
         raise SystemExit(f"--roi {args.roi} does not fit frames of shape {shape}")
     if args.baseline == "none":
-        one_run(args, mix, shape)
-        return 0
+        return one_run(args, mix, shape)
     what, env = BASELINES[args.baseline]
     print(f"baseline: {what} ({', '.join(f'{k}={v}' for k, v in env.items())})")
     saved = {k: os.environ.get(k) for k in env}
@@ -667,10 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"against {what}, same run: requests/s x{ratios['req_per_s']:.2f}, "
           f"p50 latency x{ratios['p50_latency']:.2f}, p99 latency x{ratios['p99_latency']:.2f}")
-    print(json.dumps({"benchmark": "load", "baseline": args.baseline, "ratios": ratios,
-                      "baseline_run": {k: base[k] for k in ("req_per_s", "latency_ms", "errors")},
-                      "this_run": {k: this[k] for k in ("req_per_s", "latency_ms", "errors")}}))
-    return 0
+    summary = {"benchmark": "load", "baseline": args.baseline, "ratios": ratios,
+               "baseline_run": {k: base[k] for k in ("req_per_s", "latency_ms", "errors")},
+               "this_run": {k: this[k] for k in ("req_per_s", "latency_ms", "errors")}}
+    print(json.dumps(summary))
+    return summary
 
 
 #: --baseline: what the same-run comparison serves without, and the environment that says so
@@ -918,6 +927,7 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> dict[st
         print(f"data and logs kept in {run.kept}")
     summary = {
         "benchmark": "load",
+        "quick": args.quick,
         "params": {"clients": args.clients, "duration_s": args.duration, "shape": list(args.shape),
                    "scan_frames": args.scan_frames, "ingest_rate": args.ingest_rate, "mix": mix,
                    "roi": args.roi, "page": args.page, "think_s": args.think, "timeout_s": args.timeout,
@@ -949,4 +959,4 @@ def report(args: argparse.Namespace, mix: dict[str, float], run: Run) -> dict[st
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # the exit status is 0 whatever the figures; a failed setup raises
