@@ -32,8 +32,11 @@ Run
 ---
     python benchmarks/registration.py                 # 2,000 frames
     python benchmarks/registration.py --frames 500 --stock-cbf-frames 100 --repeat 3
+    python benchmarks/registration.py --quick         # smoke test: 20 frames, 5 stock CBF frames
 
-The last line printed is a JSON summary.
+The last line printed is a JSON summary; ``main(argv)`` returns it as a dict
+(importing this module runs nothing). The exit status is 1 if a registration
+result was wrong (its ``problems``).
 """
 
 from __future__ import annotations
@@ -51,9 +54,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-warnings.filterwarnings("ignore")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 FRAME_SHAPE = (195, 487)  # Pilatus 100K: (slow, fast)
 TARGET_FILES_PER_S = 1500.0
@@ -316,7 +317,8 @@ def run_stock_tiff(tmp: Path, tiff: Path, n: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table and the JSON line; return that summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=2000, help="CBF frames in the scan (default 2000)")
     parser.add_argument(
@@ -326,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         help="frames registered by the (slow) stock CBF contender (default 300)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="best of k scatterbroker runs (default 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 20 frames, 5 of them for stock CBF, one run (same code paths)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.frames, args.stock_cbf_frames, args.repeat = 20, 5, 1
+    warnings.filterwarnings("ignore")
     n = args.frames
     n_stock_cbf = max(1, min(args.stock_cbf_frames, n))
     repeat = max(1, args.repeat)
@@ -391,25 +398,24 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         console.print(f"[red]PROBLEM[/red] {p}")
 
-    print(
-        json.dumps(
-            {
-                "benchmark": "registration",
-                "frames": n,
-                "scatterbroker_files_per_s": round(rate["sb"], 1),
-                "scatterbroker_s": round(sb["seconds"], 4),
-                "scatterbroker_rerun_s": round(sb["rerun_s"], 4),
-                "stock_cbf_frames": n_stock_cbf,
-                "stock_cbf_files_per_s": round(rate["cbf"], 1),
-                "stock_tiff_sequence_files_per_s": round(rate["tif"], 1),
-                "ratio_vs_stock_cbf": round(ratio_cbf, 2),
-                "ratio_vs_stock_tiff_sequence": round(ratio_tif, 2),
-                "target_met": target_met,
-            }
-        )
-    )
-    return 1 if problems else 0
+    summary = {
+        "benchmark": "registration",
+        "frames": n,
+        "scatterbroker_files_per_s": round(rate["sb"], 1),
+        "scatterbroker_s": round(sb["seconds"], 4),
+        "scatterbroker_rerun_s": round(sb["rerun_s"], 4),
+        "stock_cbf_frames": n_stock_cbf,
+        "stock_cbf_files_per_s": round(rate["cbf"], 1),
+        "stock_tiff_sequence_files_per_s": round(rate["tif"], 1),
+        "ratio_vs_stock_cbf": round(ratio_cbf, 2),
+        "ratio_vs_stock_tiff_sequence": round(ratio_tif, 2),
+        "target_met": target_met,
+        "quick": args.quick,
+        "problems": problems,
+    }
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(1 if main()["problems"] else 0)
