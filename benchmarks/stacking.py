@@ -47,10 +47,13 @@ Run
     python benchmarks/stacking.py                      # 200 frames, 2 rounds
     python benchmarks/stacking.py --frames 40 --gzip-frames 10 --repeat 1
     python benchmarks/stacking.py --data /tmp/sb6m     # keep/reuse the CBF files
+    python benchmarks/stacking.py --quick              # smoke test: 8 small frames, every contender
 
 The machine is shared and small (2 cores here): the load average at the start
 is printed; with ``--repeat`` > 1 the best and the median round are shown.
-The last line printed is a JSON summary.
+The last line printed is a JSON summary; ``main(argv)`` returns it as a dict
+(importing this module runs nothing). ``--shape NY NX`` stacks smaller frames
+(``--quick``: 8 frames of 195 x 487, 2 for gzip, one round).
 """
 
 from __future__ import annotations
@@ -66,10 +69,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-warnings.filterwarnings("ignore")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 FRAME_SHAPE = (2527, 2463)  # Pilatus 6M: (rows = slow, columns = fast)
 BACKGROUND = 0.5  # mean counts per pixel
@@ -99,17 +101,18 @@ HEADER = """# Detector: PILATUS 6M, S/N 60-0100
 # --------------------------------------------------------------------------- data
 
 
-def write_frames(directory: Path, n: int, seed: int = 2026) -> list[Path]:
-    """N synthetic 6M CBF frames in ``directory`` (reused if already complete)."""
+def write_frames(directory: Path, n: int, seed: int = 2026,
+                 shape: tuple[int, int] = FRAME_SHAPE) -> list[Path]:
+    """N synthetic 6M CBF frames (or frames of ``shape``) in ``directory`` (reused if already complete)."""
     import fabio.cbfimage
 
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = directory / f".complete-{n}-{seed}"
+    stamp = directory / (f".complete-{n}-{seed}" if shape == FRAME_SHAPE else f".complete-{n}-{seed}-{shape[0]}x{shape[1]}")
     paths = [directory / f"scan1_{i:05d}.cbf" for i in range(1, n + 1)]
     if stamp.exists():
         return paths
     rng = np.random.default_rng(seed)
-    ny, nx = FRAME_SHAPE
+    ny, nx = shape
     # Spots: position, frame of maximum, peak counts; each lit for ~5 frames.
     n_spots = SPOTS_PER_FRAME * n // 5 + 50
     sy = rng.integers(3, ny - 3, n_spots)
@@ -120,7 +123,7 @@ def write_frames(directory: Path, n: int, seed: int = 2026) -> list[Path]:
     profile = np.exp(-(dy**2 + dx**2) / (2 * 0.7**2))  # sharp: FWHM ~1.6 px
     t0 = time.perf_counter()
     for i, path in enumerate(paths):
-        frame = rng.poisson(BACKGROUND, FRAME_SHAPE).astype(np.int32)
+        frame = rng.poisson(BACKGROUND, shape).astype(np.int32)
         weight = np.exp(-((i - f0) ** 2) / (2 * 1.0**2))
         lit = np.nonzero(weight > 1e-2)[0]
         if len(lit):
@@ -141,7 +144,7 @@ def write_frames(directory: Path, n: int, seed: int = 2026) -> list[Path]:
 # --------------------------------------------------------------------- contenders
 
 
-def naive(paths: list[Path], out: Path, filters: dict) -> float:
+def naive(paths: list[Path], out: Path, filters: dict, shape: tuple[int, int] = FRAME_SHAPE) -> float:
     """One process: fabio decode, h5py write with the filter. Returns seconds."""
     import fabio
     import h5py
@@ -150,8 +153,8 @@ def naive(paths: list[Path], out: Path, filters: dict) -> float:
     t0 = time.perf_counter()
     with h5py.File(out, "w") as f:
         dset = f.create_dataset(
-            "entry/instrument/detector/data", shape=(len(paths), *FRAME_SHAPE),
-            dtype=np.int32, chunks=(1, *FRAME_SHAPE), **filters,
+            "entry/instrument/detector/data", shape=(len(paths), *shape),
+            dtype=np.int32, chunks=(1, *shape), **filters,
         )
         for i, p in enumerate(paths):
             dset[i] = fabio.open(str(p)).data
@@ -166,7 +169,7 @@ def ours(paths: list[Path], out: Path, workers: int | None) -> tuple[float, obje
     return time.perf_counter() - t0, report
 
 
-def check_lossless(paths: list[Path], out: Path) -> list[str]:
+def check_lossless(paths: list[Path], out: Path, shape: tuple[int, int] = FRAME_SHAPE) -> list[str]:
     """Every frame read back with plain h5py + hdf5plugin equals fabio's decode."""
     import fabio
     import h5py
@@ -176,7 +179,7 @@ def check_lossless(paths: list[Path], out: Path) -> list[str]:
     problems = []
     with h5py.File(out, "r") as f:
         dset = f["entry/data/data"]
-        if dset.shape != (len(paths), *FRAME_SHAPE) or dset.dtype != np.int32:
+        if dset.shape != (len(paths), *shape) or dset.dtype != np.int32:
             return [f"shape/dtype {dset.shape} {dset.dtype}"]
         if 32008 not in dset._filters and "32008" not in dset._filters:
             problems.append(f"not Bitshuffle-compressed: filters {dset._filters}")
@@ -202,23 +205,32 @@ def _cpu_seconds() -> float:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table and the JSON line; return that summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--gzip-frames", type=int, default=50, help="frames for the (slow) naive gzip baseline")
     parser.add_argument("--repeat", type=int, default=2, help="rounds; best and median are reported")
     parser.add_argument("--workers", type=int, default=None, help="scatterbroker workers (default: os.cpu_count())")
     parser.add_argument("--data", type=Path, default=None, help="directory to keep (and reuse) the CBF files in")
+    parser.add_argument("--shape", type=int, nargs=2, default=list(FRAME_SHAPE), metavar=("NY", "NX"),
+                        help="frame shape, rows columns (default 2527 2463, a Pilatus 6M)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 8 frames of 195 x 487, 2 for gzip, one round (same code paths)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.frames, args.gzip_frames, args.repeat, args.shape = 8, 2, 1, [195, 487]
+    shape = (args.shape[0], args.shape[1])
+    warnings.filterwarnings("ignore")
 
     import hdf5plugin
 
     tmp = Path(tempfile.mkdtemp(prefix="sb-stack-bench-"))
     data_dir = args.data or tmp / "raw"
     try:
-        print(f"writing {args.frames} CBF frames {FRAME_SHAPE[1]}x{FRAME_SHAPE[0]} int32 ...", file=sys.stderr)
-        paths = write_frames(data_dir, args.frames)
-        raw_frame = int(np.prod(FRAME_SHAPE)) * 4
+        print(f"writing {args.frames} CBF frames {shape[1]}x{shape[0]} int32 ...", file=sys.stderr)
+        paths = write_frames(data_dir, args.frames, shape=shape)
+        raw_frame = int(np.prod(shape)) * 4
         cbf_mb = sum(p.stat().st_size for p in paths) / 1e6
         load = os.getloadavg()
         print(f"cores: {os.cpu_count()}, load average before timing: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
@@ -227,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         contenders = {
             "scatterbroker": lambda out: ours(paths, out, args.workers)[0],
             "scatterbroker_1_worker": lambda out: ours(paths, out, 1)[0],
-            "naive_bitshuffle_lz4": lambda out: naive(paths, out, dict(hdf5plugin.Bitshuffle(cname="lz4"))),
-            "naive_gzip4": lambda out: naive(gz_paths, out, {"compression": "gzip", "compression_opts": 4}),
+            "naive_bitshuffle_lz4": lambda out: naive(paths, out, dict(hdf5plugin.Bitshuffle(cname="lz4")), shape),
+            "naive_gzip4": lambda out: naive(gz_paths, out, {"compression": "gzip", "compression_opts": 4}, shape),
         }
         n_of = {name: (len(gz_paths) if name == "naive_gzip4" else len(paths)) for name in contenders}
         times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -246,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  round {k + 1}: {name:24s} {n_of[name] / seconds:7.1f} frames/s", file=sys.stderr)
                 if name != "scatterbroker":
                     out.unlink()
-        problems = check_lossless(paths, tmp / "scatterbroker.h5")
+        problems = check_lossless(paths, tmp / "scatterbroker.h5", shape)
 
         results = {}
         print(f"\n{'contender':26s}{'frames':>7s}{'best f/s':>10s}{'median f/s':>12s}{'MB/s raw':>10s}"
@@ -262,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:26s}{n:7d}{best:10.1f}{med:12.1f}{best * raw_frame / 1e6:10.0f}{pct:10.2f}{cpu_ms:14.1f}")
         sb = results["scatterbroker"]
         summary = {
-            "frame_shape": list(FRAME_SHAPE), "frames": len(paths), "cores": os.cpu_count(),
+            "benchmark": "stacking", "quick": args.quick,
+            "frame_shape": list(shape), "frames": len(paths), "cores": os.cpu_count(),
             "load_average_before": [round(x, 2) for x in load], "results": results,
             "speedup_vs_naive_bitshuffle_lz4": round(sb["frames_per_s_best"] / results["naive_bitshuffle_lz4"]["frames_per_s_best"], 2),
             "speedup_vs_naive_gzip4": round(sb["frames_per_s_best"] / results["naive_gzip4"]["frames_per_s_best"], 1),
@@ -284,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
               f"vs naive gzip: {summary['speedup_vs_naive_gzip4']}x, size reduction "
               f"{100 * summary['size_reduction']:.1f}%, lossless: {not problems}")
         print(json.dumps(summary))
-        return 1 if problems else 0
+        return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main()["lossless"] else 1)
