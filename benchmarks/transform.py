@@ -73,8 +73,12 @@ Run
     python benchmarks/transform.py --frames 64 --grid 101          # quick
     python benchmarks/transform.py --no-dask --repeat 3
     python benchmarks/transform.py --grid 101 --no-dask --repeat 1 # the end-to-end figure with its references
+    python benchmarks/transform.py --quick                         # smoke test: 8 frames of 256 x 320, 21^3, all
 
-The last line printed is a JSON summary.
+A contender that cannot run here (xrayutilities or Dask not installed, or
+``--no-xu`` / ``--no-dask``) is left out and the summary says why
+(``skipped``). The last line printed is a JSON summary; ``main(argv)``
+returns it as a dict (importing this module runs nothing).
 """
 
 from __future__ import annotations
@@ -92,9 +96,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-warnings.filterwarnings("ignore")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SHAPE = (1475, 1679)  # Pilatus 2M (rows, columns)
 POOL = 32
@@ -506,7 +508,9 @@ def compare(tmp: str) -> dict[str, Any]:
             "max_rel_diff_data": rel, "agree_1e-6": bool(n_mismatch == 0 and rel <= 1e-6)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (or, with ``--child``, one contender), print the figures and the JSON line;
+    return that summary."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=360)
     p.add_argument("--grid", type=int, nargs="+", default=[101, 401], help="voxels per axis, one run per value")
@@ -528,16 +532,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="job's UB: from the scan's NXsample (orientation_matrix + unit_cell) or in the parameters")
     p.add_argument("--e2e-poll", type=float, default=1.0, help="seconds between GET /api/v1/jobs/{id} (each "
                    "is one request to the server; the time reported is the job's own 'finished' time)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 8 frames of 256 x 320 onto 21^3, one run of each contender, Dask and end to "
+                        "end included (same code paths)")
     p.add_argument("--child", choices=["ours", "xu", "dask"], help=argparse.SUPPRESS)
     p.add_argument("--grid-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
 
     if a.child:
         fn = {"ours": child_ours, "xu": child_xu, "dask": child_dask}[a.child]
-        print(json.dumps(fn(a)))
-        return 0
+        result = fn(a)
+        print(json.dumps(result))
+        return result
+    if a.quick:
+        a.frames, a.shape, a.grid, a.dask_grid, a.e2e_grid = 8, [256, 320], [21], [21], [21]
+        a.repeat, a.xu_repeat, a.e2e_repeat, a.e2e_poll, a.dask_tasks = 1, 1, 1, 0.2, 2
 
+    skipped: dict[str, str] = {}  # a contender left out -> why
     have_xu = not a.no_xu
     if have_xu:
         try:
@@ -545,12 +558,20 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("xrayutilities is not installed: measuring scatterbroker only")
             have_xu = False
+            skipped["xrayutilities"] = "xrayutilities is not installed"
+    else:
+        skipped["xrayutilities"] = "--no-xu"
     have_dask = not a.no_dask
     if have_dask:
         try:
             import distributed  # noqa: F401
         except ImportError:
             have_dask = False
+            skipped["dask"] = "distributed is not installed"
+    else:
+        skipped["dask"] = "--no-dask"
+    if a.no_e2e:
+        skipped["end_to_end"] = "--no-e2e"
 
     import numba
 
@@ -558,8 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.frames} frames of {a.shape[0]} x {a.shape[1]} = {pixels / 1e6:.0f} Mpixel; "
           f"{os.cpu_count()} CPUs, numba threads {numba.get_num_threads()} ({numba.config.THREADING_LAYER}); "
           f"load average before {os.getloadavg()[0]:.2f}")
-    summary: dict[str, Any] = {"frames": a.frames, "shape": a.shape, "pixels": pixels, "cpus": os.cpu_count(),
-                               "load_before": os.getloadavg()[0], "grids": {}}
+    summary: dict[str, Any] = {"benchmark": "transform", "quick": a.quick,
+                               "frames": a.frames, "shape": a.shape, "pixels": pixels, "cpus": os.cpu_count(),
+                               "load_before": os.getloadavg()[0], "grids": {}, "skipped": skipped}
     e2e_grids = [] if a.no_e2e else [n for n in a.grid if n in a.e2e_grid]
     with tempfile.TemporaryDirectory(prefix="sb-bench-e2e-") as work:
         served = None
@@ -578,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["load_after"] = os.getloadavg()[0]
     print(f"\nload average after {summary['load_after']:.2f} (other processes share the cores)")
     print(json.dumps(summary, default=float))
-    return 0
+    return summary
 
 
 def verdict(ratio: float, target: float | None) -> str:
@@ -658,4 +680,4 @@ def end_to_end(a: argparse.Namespace, served: ServedScan, n: int, tmp: str, xu: 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
