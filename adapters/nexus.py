@@ -141,6 +141,11 @@ def _safe_dapl() -> Any:
         return _dapl
 
 
+def _names_files(dcpl: Any) -> bool:
+    """True if a dataset's storage lies in other files: virtual (VDS) or external raw storage."""
+    return dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count() > 0
+
+
 def _open_member(group: h5py.Group, name: str, key: tuple | None = None) -> Any:
     """Open the hard-linked member ``name`` of ``group``.
 
@@ -155,13 +160,12 @@ def _open_member(group: h5py.Group, name: str, key: tuple | None = None) -> Any:
         obj = group[name]
         if not isinstance(obj, h5py.Dataset):
             return obj
-        dcpl = obj.id.get_create_plist()
-        special = dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count() > 0
+        special = _names_files(obj.id.get_create_plist())
         if key is not None:
             _layouts.put(key, special)
         if not special:
             return obj
-        del obj, dcpl  # close it before reopening with other access properties
+        del obj  # close it before reopening with other access properties
     if special:
         return h5py.Dataset(h5py.h5d.open(group.id, group._e(name), dapl=_safe_dapl()))
     return group[name]
@@ -258,20 +262,16 @@ class _Context:
         roots) without this file changing.
         """
         key = (self.roots, loc, _files.stamp(loc.file))
-        if _plain.get(key):
-            return
-        dcpl = dset.id.get_create_plist()
-        if dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count() > 0:
-            self._check_storage(loc, dset)
-            return
-        _plain.put(key, True)
+        if not _plain.get(key) and not self._check_storage(loc, dset):
+            _plain.put(key, True)
 
-    def _check_storage(self, loc: _Loc, dset: h5py.Dataset) -> None:
+    def _check_storage(self, loc: _Loc, dset: h5py.Dataset) -> bool:
+        """Confine the files ``dset``'s storage names; False if it names none."""
         dcpl = dset.id.get_create_plist()
+        if not _names_files(dcpl):
+            return False
         virtual = dcpl.get_layout() == h5py.h5d.VIRTUAL
         n_external = dcpl.get_external_count()
-        if not (virtual or n_external):
-            return
         for var in _PREFIX_ENV:
             if os.environ.get(var):
                 raise OutsideRoots(
@@ -285,7 +285,7 @@ class _Context:
                     what="external raw storage file")
             _note_link(loc.file.parent, name)
         if not virtual:
-            return
+            return True
         checked = set()
         for i in range(dcpl.get_virtual_count()):
             fname, dname = dcpl.get_virtual_filename(i), dcpl.get_virtual_dsetname(i)
@@ -308,12 +308,12 @@ class _Context:
                 raise BrokenLink(
                     f"virtual dataset source {_where(src, src_loc.path)} is not a dataset"
                 )
-            src_dcpl = src_obj.id.get_create_plist()
-            if src_dcpl.get_layout() == h5py.h5d.VIRTUAL or src_dcpl.get_external_count():
+            if _names_files(src_obj.id.get_create_plist()):
                 raise OutsideRoots(
                     f"virtual dataset source {_where(src, src_loc.path)} has virtual "
                     "or external storage itself; nested indirection is refused"
                 )
+        return True
 
 
 def _note_link(directory: Path, name: str) -> None:
