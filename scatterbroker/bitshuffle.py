@@ -61,15 +61,23 @@ _ERRORS = {
 
 
 @functools.lru_cache(maxsize=1)
-def _library() -> tuple[Any, Any] | None:
-    """``(LZ4_decompress_safe, bshuf_bitunshuffle)`` from hdf5plugin's bitshuffle, or None."""
+def _cdll() -> Any:
+    """hdf5plugin's bitshuffle library (the path hdf5plugin reports), or None."""
     try:
         import hdf5plugin
 
-        path = hdf5plugin.get_config().registered_filters.get("bshuf")
-        lib = ctypes.CDLL(path)
-        lz4, unshuffle = lib.LZ4_decompress_safe, lib.bshuf_bitunshuffle
+        return ctypes.CDLL(hdf5plugin.get_config().registered_filters.get("bshuf"))
     except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[Any, Any] | None:
+    """``(LZ4_decompress_safe, bshuf_bitunshuffle)`` from hdf5plugin's bitshuffle, or None."""
+    try:
+        lib = _cdll()
+        lz4, unshuffle = lib.LZ4_decompress_safe, lib.bshuf_bitunshuffle
+    except Exception:  # no library, no symbol
         return None
     # Pointers are passed as size_t: numba hands an array's address over as an integer.
     ptr = ctypes.c_size_t
@@ -201,9 +209,7 @@ def decode_into(chunk: bytes | memoryview | np.ndarray, out: np.ndarray, itemsiz
 def _compressor() -> Any:
     """The library with ``bshuf_compress_lz4`` and its bound, or None."""
     try:
-        import hdf5plugin
-
-        lib = ctypes.CDLL(hdf5plugin.get_config().registered_filters.get("bshuf"))
+        lib = _cdll()
         lib.bshuf_compress_lz4.restype = ctypes.c_int64
         lib.bshuf_compress_lz4.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_size_t] * 3
         lib.bshuf_compress_lz4_bound.restype = ctypes.c_size_t
